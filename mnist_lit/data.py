@@ -1,0 +1,249 @@
+"""MNIST as a LightningDataModule: the four IDX files, decoded once into uint8 tensors, served in batches.
+
+Layout on disk is torchvision's: ``<data_dir>/MNIST/raw/<the four IDX files>``. Batches are cut from the
+in-memory tensors by indexing (no per-sample PIL/ToTensor work) and normalised as whole tensors on the
+Trainer's device, in ``on_after_batch_transfer``.
+"""
+
+import contextlib
+import gzip
+import hashlib
+import io
+import math
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from mnist_lit.errors import UserError
+
+FILES = {  # split -> (images, labels), the official names
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# The official uncompressed files: (size in bytes, md5). A file of exactly that size must have that md5;
+# files of other sizes (e.g. the small ones the tests write) are checked for structure only.
+OFFICIAL = {
+    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+}
+# Pixel mean and std of the 60k official training images after /255 (tests recompute them from the files).
+MEAN, STD = 0.1306604762738429, 0.30810780385646264
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+
+def raw_dir(data_dir) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def ensure_raw_files(data_dir, download: bool = True) -> Path:
+    """Make sure the four IDX files are in ``raw_dir(data_dir)``: as they are, gunzipped, or downloaded."""
+    raw = raw_dir(data_dir)
+    names = [name for pair in FILES.values() for name in pair]
+    for name in names:
+        if not (raw / name).exists() and (raw / f"{name}.gz").exists():
+            _gunzip(raw / f"{name}.gz", raw / name)
+    missing = [name for name in names if not (raw / name).exists()]
+    if not missing:
+        return raw
+    reason = "downloading is off"
+    if download:
+        reason = _download(data_dir)
+        missing = [name for name in names if not (raw / name).exists()]
+        if not missing:
+            return raw
+    raise UserError(
+        f"MNIST files missing in {raw}: {', '.join(missing)} ({reason}); put the four IDX files there "
+        f"(uncompressed or .gz), or pass --data-dir to a folder that holds MNIST/raw/"
+    )
+
+
+def _download(data_dir) -> str:
+    """Download with torchvision; returns why it failed ('' on success). Its chatter is kept off the console."""
+    from torchvision import datasets
+
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            datasets.MNIST(root=str(data_dir), download=True)
+    except Exception as err:  # torchvision raises RuntimeError, URLError, OSError ... depending on the failure
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"download failed, offline? {first_line}"
+    return ""
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{src}: corrupt gzip file ({err})") from None
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot unpack {src} into {dst.parent}: {err.strerror}") from None
+    os.replace(tmp, dst)
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """Decode an IDX file of unsigned bytes with ``ndim`` dimensions (1: labels, 3: images), fully checked."""
+    path = Path(path)
+    try:
+        data = bytearray(path.read_bytes())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UserError(f"{path}: {len(data)} bytes, too short for an IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != 0x800 + ndim:  # 0x08: unsigned byte, then the number of dimensions
+        raise UserError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (magic {magic:#010x})")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        raise UserError(
+            f"{path}: {len(data)} bytes, but its header ({' x '.join(map(str, dims))}) needs {expected}: "
+            "truncated or corrupt"
+        )
+    official = OFFICIAL.get(path.name)
+    if official and len(data) == official[0] and hashlib.md5(data).hexdigest() != official[1]:
+        raise UserError(f"{path}: md5 differs from the official MNIST file: corrupt, replace it")
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(dims)
+
+
+def load_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked images (uint8, N x 28 x 28) and labels (int64, N) of 'train' or 'test'."""
+    image_path, label_path = (raw / name for name in FILES[split])
+    images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+    if tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f"{image_path}: images are {tuple(images.shape[1:])}, expected 28 x 28")
+    if len(images) != len(labels):
+        raise UserError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
+    if len(labels) == 0:
+        raise UserError(f"{label_path}: holds no images")
+    if int(labels.max()) >= NUM_CLASSES:
+        raise UserError(f"{label_path}: label {int(labels.max())} is out of range 0-{NUM_CLASSES - 1}")
+    return images, labels.long()
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of range(n) into (train, val) index tensors, each in ascending order."""
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise UserError(f"val fraction {val_fraction} of {n} images leaves an empty train or validation set")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N x 28 x 28) -> float (N x 1 x 28 x 28) with the training set's mean 0 and std 1."""
+    return images.unsqueeze(1).float().div_(255).sub_(MEAN).div_(STD)
+
+
+class EpochSampler:
+    """The order of one epoch: a seeded shuffle that changes each epoch, or the plain order.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (also after a resume), so the order of epoch k
+    depends only on (seed, k): a resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def indices(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        generator = torch.Generator().manual_seed((self.seed << 32) + self.epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+
+class InMemoryLoader:
+    """Batches of (uint8 images, int64 labels) indexed out of in-memory tensors; the last partial batch is kept."""
+
+    batch_sampler = None  # Lightning reads `sampler` and `batch_sampler` as on a torch DataLoader
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.sampler = EpochSampler(len(labels), shuffle, seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        if not self.sampler.shuffle:  # plain slices: views, no copy
+            for start in range(0, len(self.labels), self.batch_size):
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            return
+        for idx in self.sampler.indices().split(self.batch_size):
+            yield self.images[idx], self.labels[idx]
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST for the two stages.
+
+    stage "initial": a seeded split of the 60k training images into train (1 - val_fraction) and validation.
+    stage "full": all 60k images for training; the 10k test images are the per-epoch evaluation set.
+    The test set is always the 10k official test images.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        stage: str = "initial",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        download: bool = True,
+    ):
+        super().__init__()
+        if stage not in ("initial", "full"):
+            raise UserError(f"unknown stage {stage!r}: use 'initial' or 'full'")
+        self.save_hyperparameters()
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        ensure_raw_files(self.hparams.data_dir, download=self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Decode the files once (``stage`` is Lightning's fit/validate/test: all splits are made at once)."""
+        if self.train_set is not None:
+            return
+        raw = raw_dir(self.hparams.data_dir)
+        train_images, train_labels = load_split(raw, "train")
+        self.test_set = load_split(raw, "test")
+        if self.hparams.stage == "initial":
+            train_idx, val_idx = split_indices(len(train_labels), self.hparams.val_fraction, self.hparams.seed)
+            self.train_set = (train_images[train_idx], train_labels[train_idx])
+            self.val_set = (train_images[val_idx], train_labels[val_idx])
+        else:
+            self.train_set, self.val_set = (train_images, train_labels), self.test_set
+
+    def train_dataloader(self) -> InMemoryLoader:
+        return InMemoryLoader(*self.train_set, self.hparams.batch_size, shuffle=True, seed=self.hparams.seed)
+
+    def val_dataloader(self) -> InMemoryLoader:
+        return InMemoryLoader(*self.val_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> InMemoryLoader:
+        return InMemoryLoader(*self.test_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        return normalize(images), labels

@@ -1,0 +1,129 @@
+"""The LightningModule: net + loss + torchmetrics + SGD with MultiStepLR."""
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mnist_lit.data import NUM_CLASSES
+from mnist_lit.loss import nll_loss
+from mnist_lit.net import build_net
+
+log = logging.getLogger("mnist_lit")
+
+
+class SplitMetrics(nn.Module):
+    """Accuracy, mean loss over all samples (the last partial batch weighs what it holds) and sample count."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes, average="micro")
+        self.loss = MeanMetric()
+        self.count = SumMetric()
+
+    def update(self, log_probs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:
+        self.acc.update(log_probs, targets)
+        self.loss.update(loss, weight=len(targets))
+        self.count.update(len(targets))
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        """Epoch totals (synced across processes by torchmetrics), then a fresh start."""
+        result = {"loss": self.loss.compute(), "acc": self.acc.compute(), "count": self.count.compute()}
+        for metric in (self.acc, self.loss, self.count):
+            metric.reset()
+        return result
+
+
+class MNISTLitModule(pl.LightningModule):
+    """Trains a net from ``mnist_lit.net`` with SGD; milestones count epochs from the stage's start.
+
+    stage "initial" evaluates on the validation split each epoch (logged as ``val/*``); stage "full" trains
+    on all training images and evaluates on the test set each epoch (logged as ``test/*``).
+    All hyperparameters are plain data, saved in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        net: str = "lenet",
+        lr: float = 0.01,
+        momentum: float = 0.5,
+        milestones: tuple[int, ...] = (2, 10),
+        gamma: float = 0.1,
+        stage: str = "initial",
+        epochs: int = 20,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
+        self.net = build_net(net, NUM_CLASSES)
+        # One metric object per split (ModuleDict keys may not be "train": nn.Module.train exists).
+        self.train_metrics = SplitMetrics(NUM_CLASSES)
+        self.val_metrics = SplitMetrics(NUM_CLASSES)
+        self.test_metrics = SplitMetrics(NUM_CLASSES)
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+        self.eval_split = "val" if stage == "initial" else "test"
+        self.last_eval: dict[str, torch.Tensor] = {}
+        self.epoch_lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, targets = batch
+        log_probs = self.net(images)
+        loss = nll_loss(log_probs, targets)
+        # No self.log here: epoch-level metrics only, so no per-step host sync or logging overhead.
+        getattr(self, f"{split}_metrics").update(log_probs.detach(), targets, loss.detach())
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.eval_split)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch(self, split: str) -> dict[str, torch.Tensor]:
+        result = getattr(self, f"{split}_metrics").compute_and_reset()
+        self.log_dict({f"{split}/loss": result["loss"], f"{split}/acc": result["acc"]})
+        return result
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_eval = self._log_epoch(self.eval_split)
+        if self.eval_split == "val" and not self.trainer.sanity_checking:
+            self.val_acc_best.update(self.last_eval["acc"])
+            self.log("val/acc_best", self.val_acc_best.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self.last_eval = self._log_epoch("test")
+
+    def on_train_epoch_start(self) -> None:
+        # Read now: Lightning steps an epoch scheduler right after the epoch's last batch.
+        self.epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_epoch_end(self) -> None:
+        train = self._log_epoch("train")
+        log.info(
+            "epoch %d lr %g train loss %.4f %s",
+            self.current_epoch + 1, self.epoch_lr, float(train["loss"]), format_eval(self.eval_split, self.last_eval),
+        )
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.hparams.milestones, self.hparams.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}
+
+
+def format_eval(split: str, result: dict[str, torch.Tensor]) -> str:
+    """'val 5910/6000 (98.50%)', the original project's way of reporting an evaluation."""
+    if not result:
+        return f"{split} -"
+    count = int(result["count"])
+    correct = round(float(result["acc"]) * count)
+    return f"{split} {correct}/{count} ({100 * correct / count:.2f}%)"

@@ -1,0 +1,39 @@
+"""The networks: plain torch modules (no Lightning), so they can be exported and reused anywhere."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_lit.errors import UserError
+
+
+class LeNet(nn.Module):
+    """The original project's CNN (431k parameters); returns log-probabilities.
+
+    Conv2d(1,20,5) -> ReLU -> MaxPool2 -> Conv2d(20,50,5) -> ReLU -> MaxPool2
+    -> Linear(800,500) -> ReLU -> Linear(500,10) -> log_softmax.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, kernel_size=5)  # 28x28 -> 24x24, pooled to 12x12
+        self.conv2 = nn.Conv2d(20, 50, kernel_size=5)  # 12x12 -> 8x8, pooled to 4x4
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: normalised images, shape (batch, 1, 28, 28)."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+# Architecture name (as saved in checkpoints) -> class. New architectures join here.
+NETS = {"lenet": LeNet}
+
+
+def build_net(name: str, num_classes: int = 10) -> nn.Module:
+    if name not in NETS:
+        raise UserError(f"unknown net {name!r}; choose one of: {', '.join(NETS)}")
+    return NETS[name](num_classes)

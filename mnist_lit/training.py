@@ -1,0 +1,367 @@
+"""From command-line options to a finished run: DataModule + LightningModule + Trainer, for both stages.
+
+One code path serves every case:
+- a new ``initial`` stage (no ``--ckpt``);
+- a new ``full`` stage from an initial-stage checkpoint: Lightning restores weights, epoch and step (so the
+  curves continue), then a fresh optimizer at lr 1e-4 takes over, as in the original project;
+- an exact resume of an interrupted run of either stage (``--ckpt`` of that stage): Lightning restores
+  weights, optimizer, scheduler, epoch and step; the data order depends only on (seed, epoch).
+Each invocation writes into a new ``<save-dir>/<stage>/version_N`` and never touches an earlier run.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.errors import UserError
+from mnist_lit.module import MNISTLitModule, format_eval
+from mnist_lit.net import NETS
+
+log = logging.getLogger("mnist_lit")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Settings of a new initial run; a resumed run keeps its checkpoint's, a new full stage inherits the initial
+# run's except its own schedule (FULL_STAGE). Options given on the command line override these.
+DEFAULTS = {
+    "net": "lenet",
+    "lr": 0.01,
+    "momentum": 0.5,
+    "milestones": [2, 10],  # the original code's schedule: lr/10 after 10 % and 50 % of the 20 epochs
+    "batch_size": 64,
+    "eval_batch_size": 1000,
+    "val_fraction": 0.1,
+    "seed": 0,
+}
+FULL_STAGE = {"lr": 1e-4, "milestones": []}
+EPOCHS_PER_STAGE = 20
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of argparse's usage dump
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train.py",
+        description="Train the MNIST CNN: '--stage initial', then '--stage full --ckpt last.ckpt'.",
+    )
+    p.add_argument("--stage", choices=["initial", "full"], help="initial (default): 90/10 split; full: all 60k")
+    p.add_argument("--train-full", type=int, choices=[0, 1], help="the original's spelling: 1 means --stage full")
+    p.add_argument(
+        "--ckpt", "--resume", dest="ckpt", metavar="PATH",
+        help="checkpoint to resume (same stage) or to start the full stage from; a bare name such as "
+        "last.ckpt means that file of the newest initial-stage run under --save-dir",
+    )
+    p.add_argument("--data-dir", default="data", help="holds MNIST/raw/ (default: data, downloaded if missing)")
+    p.add_argument("--save-dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
+    p.add_argument("--net", choices=sorted(NETS), help="architecture (default lenet, the original's)")
+    p.add_argument("--epochs", type=int, help="number of the last epoch (default 20; full: checkpoint's + 20)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.01; full: 1e-4)")
+    p.add_argument("--milestones", type=int, nargs="*", help="epochs of the stage after which lr /= 10 (2 10)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.5)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 1000)")
+    p.add_argument("--val-fraction", type=float, help="share of the 60k held out in the initial stage (0.1)")
+    p.add_argument("--seed", type=int, help="seeds the split, the shuffling and the initial weights (0)")
+    p.add_argument("--save-freq", type=int, default=5, help="keep a numbered checkpoint every N epochs (5)")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, ... (Lightning's; default auto)")
+    p.add_argument("--devices", default="auto", help="number of devices (Lightning's; default auto)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--num-nodes", type=int, default=1, help="number of machines (Lightning's)")
+    p.add_argument("--deterministic", action="store_true", help="use only deterministic torch algorithms")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or Lightning banners (for logs, CI)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.train_full is not None:
+        stage = "full" if args.train_full else "initial"
+        if args.stage not in (None, stage):
+            raise UserError(f"--train-full {args.train_full} contradicts --stage {args.stage}")
+        args.stage = stage
+    args.stage = args.stage or "initial"
+    checks = [
+        (args.lr, lambda v: v > 0, "--lr must be > 0"),
+        (args.momentum, lambda v: 0 <= v < 1, "--momentum must be in [0, 1)"),
+        (args.batch_size, lambda v: v >= 1, "--batch-size must be >= 1"),
+        (args.eval_batch_size, lambda v: v >= 1, "--eval-batch-size must be >= 1"),
+        (args.val_fraction, lambda v: 0 < v < 1, "--val-fraction must be between 0 and 1"),
+        (args.seed, lambda v: v >= 0, "--seed must be >= 0"),
+        (args.epochs, lambda v: v >= 1, "--epochs must be >= 1"),
+        (args.save_freq, lambda v: v >= 1, "--save-freq must be >= 1"),
+        (args.milestones, lambda v: all(0 < a < b for a, b in zip([0, *v], v)), "--milestones must be increasing and > 0"),
+    ]
+    for value, ok, message in checks:
+        if value is not None and not ok(value):
+            raise UserError(f"{message} (got {value})")
+    return args
+
+
+# --- runs and checkpoints on disk -------------------------------------------------------------------------
+
+
+def run_dirs(save_dir, stage: str) -> list[Path]:
+    """The runs of a stage, newest (highest version) first."""
+    runs = [p for p in (Path(save_dir) / stage).glob("version_*") if p.name[8:].isdigit()]
+    return sorted(runs, key=lambda p: int(p.name[8:]), reverse=True)
+
+
+def new_run_dir(save_dir, stage: str) -> Path:
+    """Create the next ``version_N``; mkdir is atomic, so two runs can never share or reuse a directory."""
+    (Path(save_dir) / stage).mkdir(parents=True, exist_ok=True)
+    runs = run_dirs(save_dir, stage)
+    version = int(runs[0].name[8:]) + 1 if runs else 0
+    while True:
+        path = Path(save_dir) / stage / f"version_{version}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            version += 1
+
+
+def resolve_ckpt(name: str, save_dir) -> Path:
+    """A path that exists as given, or a bare file name looked up in the newest initial-stage run holding it."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.name == name:
+        for run in run_dirs(save_dir, "initial"):
+            candidate = run / "checkpoints" / name
+            if candidate.is_file():
+                print(f"--ckpt {name} -> {candidate}")
+                return candidate
+        raise UserError(f"checkpoint {name} not found: no such file, and no run under {save_dir}/initial holds it")
+    raise UserError(f"checkpoint not found: {name}")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"{path}: refused, not plain tensors and data (loading it could run code): {reason}") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "stage" not in hparams or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
+    return ckpt
+
+
+def snapshot_code(run_dir: Path) -> None:
+    """Copy the package's and the scripts' .py files into run_dir/code, as the original project did."""
+    for src in (PACKAGE_DIR, PACKAGE_DIR.parent / "scripts"):
+        for file in sorted(src.glob("*.py")):
+            (run_dir / "code" / src.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, run_dir / "code" / src.name / file.name)
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path, quiet: bool):
+    """Epoch lines go to the console and to run_dir/log.txt; --quiet also silences Lightning's banners."""
+    handlers = [logging.FileHandler(run_dir / "log.txt"), logging.StreamHandler(sys.stdout)]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    lightning_log = logging.getLogger("pytorch_lightning")
+    old_level = lightning_log.level
+    if quiet:
+        lightning_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # Our loaders index in-memory tensors: worker processes would only add overhead.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # Each run writes into its own new directory, so a resumed checkpoint's dirpath always differs.
+            warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")
+            # Raised inside Lightning 2.6 itself against newer torch; nothing for our users to act on.
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            yield
+    finally:
+        lightning_log.setLevel(old_level)
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+# --- Lightning pieces ------------------------------------------------------------------------------------
+
+
+class NumberedCheckpoint(ModelCheckpoint):
+    """Keeps every n-th epoch as ``005.ckpt``, ``010.ckpt``, ...: 1-based epoch numbers, like the original."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int):
+        super().__init__(
+            dirpath=dirpath, filename="{epoch:03d}", auto_insert_metric_name=False,
+            every_n_epochs=every_n_epochs, save_top_k=-1, save_on_train_epoch_end=True,
+        )
+
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
+        return super().format_checkpoint_name({**metrics, "epoch": metrics["epoch"] + 1}, filename, ver, prefix)
+
+
+class FreshOptimizer(Callback):
+    """Start the full stage with a new optimizer and schedule, as the original did, after Lightning restored
+    the initial stage's weights, epoch and step from its checkpoint."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.setup_optimizers(trainer)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, flush it to disk, then rename: a killed run never leaves a torn checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".part")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+
+def build_trainer(args: argparse.Namespace, run_dir: Path, epochs: int, fresh_optimizer: bool) -> pl.Trainer:
+    stage, version = run_dir.parent.name, int(run_dir.name[8:])
+    checkpoints = run_dir / "checkpoints"
+    callbacks = [
+        NumberedCheckpoint(checkpoints, every_n_epochs=args.save_freq),
+        # Lightning writes last.ckpt only together with a top-k save, so a second, every-epoch callback does it.
+        ModelCheckpoint(
+            dirpath=checkpoints, filename="last", every_n_epochs=1, save_top_k=1,
+            enable_version_counter=False, save_on_train_epoch_end=True,
+        ),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if fresh_optimizer:
+        callbacks.insert(0, FreshOptimizer())
+    if not args.quiet:
+        callbacks.append(TQDMProgressBar(refresh_rate=20))
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        max_epochs=epochs,  # Lightning counts from the checkpoint's epoch, so this is the last epoch's number
+        logger=TensorBoardLogger(args.save_dir, name=stage, version=version, default_hp_metric=False),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        enable_progress_bar=not args.quiet,
+        enable_model_summary=not args.quiet,
+        deterministic=args.deterministic,
+        use_distributed_sampler=False,  # our in-memory loaders are not DataLoaders
+    )
+
+
+# --- one run ---------------------------------------------------------------------------------------------
+
+
+def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -> tuple[dict, int]:
+    """The run's settings and its last epoch, from defaults, the checkpoint and the options given."""
+    given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
+    if ckpt is None:
+        return {**DEFAULTS, **given}, args.epochs or EPOCHS_PER_STAGE
+    saved = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
+    settings = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}
+    done = ckpt["epoch"] + 1  # our checkpoints are written at the end of an epoch
+    if resume:
+        for key, value in given.items():
+            if value != settings[key]:
+                raise UserError(
+                    f"resuming keeps the run's settings: --{key.replace('_', '-')} {value} differs from the "
+                    f"checkpoint's {settings[key]}"
+                )
+        epochs = args.epochs or saved["epochs"]
+    else:
+        settings.update(FULL_STAGE)
+        settings.update(given)
+        epochs = args.epochs or done + EPOCHS_PER_STAGE
+    if epochs <= done:
+        raise UserError(f"--epochs {epochs} is not beyond the checkpoint's epoch {done}: nothing to train")
+    return settings, epochs
+
+
+def train(args: argparse.Namespace, command: str = "") -> dict:
+    """Run one stage as the options say; returns the results also written to run_dir/results.json."""
+    ckpt_path = ckpt = None
+    if args.ckpt:
+        ckpt_path = resolve_ckpt(args.ckpt, args.save_dir)
+        ckpt = load_checkpoint(ckpt_path)
+    elif args.stage == "full":
+        raise UserError("--stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)")
+    ckpt_stage = ckpt["hyper_parameters"]["stage"] if ckpt else None
+    if ckpt_stage == "full" and args.stage == "initial":
+        raise UserError(f"{ckpt_path} is a full-stage checkpoint: resume it with --stage full")
+    resume = ckpt_stage == args.stage
+    settings, epochs = choose_settings(args, ckpt, resume)
+
+    run_dir = new_run_dir(args.save_dir, args.stage)
+    (run_dir / "command.txt").write_text(command + "\n")
+    snapshot_code(run_dir)
+    start = time.perf_counter()
+    with run_logging(run_dir, args.quiet):
+        how = "resuming" if resume else "from" if ckpt else "new run"
+        log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
+        pl.seed_everything(settings["seed"], verbose=False)
+        datamodule = MNISTDataModule(
+            data_dir=args.data_dir, stage=args.stage, val_fraction=settings["val_fraction"], seed=settings["seed"],
+            batch_size=settings["batch_size"], eval_batch_size=settings["eval_batch_size"],
+        )
+        model = MNISTLitModule(
+            net=settings["net"], lr=settings["lr"], momentum=settings["momentum"],
+            milestones=settings["milestones"], stage=args.stage, epochs=epochs,
+        )
+        trainer = build_trainer(args, run_dir, epochs, fresh_optimizer=ckpt is not None and not resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if args.stage == "full":
+            trainer.test(model, datamodule=datamodule, verbose=False)
+        result = model.last_eval
+        summary = format_eval(model.eval_split, result)
+        wall = time.perf_counter() - start
+        log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
+    results = {
+        "stage": args.stage,
+        "run_dir": str(run_dir),
+        "ckpt_from": str(ckpt_path) if ckpt_path else None,
+        "epoch": trainer.current_epoch,
+        "split": model.eval_split,
+        "correct": round(float(result["acc"]) * int(result["count"])),
+        "count": int(result["count"]),
+        "acc": float(result["acc"]),
+        "loss": float(result["loss"]),
+        "wall_s": round(wall, 1),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line of scripts/train.py: errors meant for the user become one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        train(parse_args(argv), command=shlex.join(["python", "scripts/train.py", *argv]))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
