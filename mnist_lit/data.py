@@ -100,11 +100,11 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     header = 4 + 4 * ndim
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if magic is not None and magic != 0x800 + ndim:  # 0x08: unsigned byte, then the number of dimensions
+        raise UserError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (magic {magic:#010x})")
     if len(data) < header:
         raise UserError(f"{path}: {len(data)} bytes, too short for an IDX header")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != 0x800 + ndim:  # 0x08: unsigned byte, then the number of dimensions
-        raise UserError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (magic {magic:#010x})")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(dims)
     if len(data) != expected:
@@ -166,7 +166,8 @@ class EpochSampler:
     def indices(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        generator = torch.Generator().manual_seed((self.seed << 32) + self.epoch)
+        # The CPU generator keeps only 32 bits of its seed: mix seed and epoch into those, distinct per epoch.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**32)
         return torch.randperm(self.n, generator=generator)
 
     def __iter__(self):

@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.seed, lambda v: v >= 0, "--seed must be >= 0"),
         (args.epochs, lambda v: v >= 1, "--epochs must be >= 1"),
         (args.save_freq, lambda v: v >= 1, "--save-freq must be >= 1"),
-        (args.milestones, lambda v: all(0 < a < b for a, b in zip([0, *v], v)), "--milestones must be increasing and > 0"),
+        (args.milestones, lambda v: all(a < b for a, b in zip([0, *v], v)), "--milestones must be increasing and > 0"),
     ]
     for value, ok, message in checks:
         if value is not None and not ok(value):
@@ -195,6 +195,9 @@ def run_logging(run_dir: Path, quiet: bool):
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             # Each run writes into its own new directory, so a resumed checkpoint's dirpath always differs.
             warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+            # We log once per epoch, never per step, so the per-step logging interval does not matter.
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             # Raised inside Lightning 2.6 itself against newer torch; nothing for our users to act on.
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
             yield

@@ -1,0 +1,64 @@
+"""Shared fixtures: small MNIST-format IDX files written by the tests themselves (no network, no real data)."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_lit.data import FILES, raw_dir
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """The IDX encoding of a uint8 tensor: magic 0x0800 + ndim, big-endian dimensions, then the bytes."""
+    header = (0x800 + array.dim()).to_bytes(4, "big")
+    header += b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.contiguous().numpy().tobytes()
+
+
+def digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake digits: label k lights a 6x6 block at a fixed place of its own, over faint noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=generator, dtype=torch.uint8)
+    images = torch.randint(0, 60, (n, 28, 28), generator=generator, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        row, col = 2 + 5 * (label // 5) * 2, 2 + 5 * (label % 5)
+        images[i, row : row + 6, col : col + 6] = 255
+    return images, labels
+
+
+def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool = False) -> Path:
+    """Write the four IDX files (optionally as .gz) under data_dir/MNIST/raw; returns data_dir."""
+    raw = raw_dir(data_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        images, labels = digits(n, seed)
+        for name, array in zip(FILES[split], (images, labels)):
+            data = idx_bytes(array)
+            if gz:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (raw / name).write_bytes(data)
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A fresh small dataset for tests that may change it."""
+    return write_mnist(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """A small dataset shared by the tests that only read it."""
+    return write_mnist(tmp_path_factory.mktemp("shared") / "data")
+
+
+@pytest.fixture(autouse=True)
+def _no_download(monkeypatch):
+    """Point torchvision's MNIST mirrors at a closed local port: a download attempt fails at once, offline."""
+    from torchvision import datasets
+
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])

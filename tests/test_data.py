@@ -1,0 +1,164 @@
+"""mnist_lit.data: IDX parsing and its checks, preparing the files, splits, loaders, normalisation."""
+
+import gzip
+
+import pytest
+import torch
+from conftest import REAL_DATA, digits, idx_bytes, write_mnist
+
+from mnist_lit.data import (
+    MEAN,
+    OFFICIAL,
+    STD,
+    InMemoryLoader,
+    MNISTDataModule,
+    ensure_raw_files,
+    load_split,
+    normalize,
+    raw_dir,
+    read_idx,
+    split_indices,
+)
+from mnist_lit.errors import UserError
+
+
+def test_read_idx_round_trip(tmp_path):
+    images, labels = digits(7, seed=0)
+    (tmp_path / "img").write_bytes(idx_bytes(images))
+    (tmp_path / "lab").write_bytes(idx_bytes(labels))
+    assert torch.equal(read_idx(tmp_path / "img", 3), images)
+    assert torch.equal(read_idx(tmp_path / "lab", 1), labels)
+
+
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda b: b"\x00\x00\x09\x03" + b[4:], "magic"),  # not unsigned bytes
+        (lambda b: b[:-10], "truncated"),  # body cut short
+        (lambda b: b + b"\x00" * 5, "truncated or corrupt"),  # more bytes than the header says
+        (lambda b: b[:8], "too short"),  # header cut short
+        (lambda b: b"", "too short"),  # empty file
+    ],
+)
+def test_read_idx_rejects_corrupt_files(tmp_path, mangle, message):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(mangle(idx_bytes(digits(5, seed=0)[0])))
+    with pytest.raises(UserError, match=message) as err:
+        read_idx(path, 3)
+    assert str(path) in str(err.value)
+
+
+def test_labels_file_read_as_images_is_refused(tmp_path):
+    path = tmp_path / "labels"
+    path.write_bytes(idx_bytes(digits(5, seed=0)[1]))
+    with pytest.raises(UserError, match="magic"):
+        read_idx(path, 3)
+
+
+def test_official_size_with_wrong_md5_is_refused(tmp_path):
+    name = "t10k-labels-idx1-ubyte"
+    size, _ = OFFICIAL[name]
+    path = tmp_path / name
+    path.write_bytes(idx_bytes(torch.zeros(size - 8, dtype=torch.uint8)))  # right size, wrong contents
+    with pytest.raises(UserError, match="md5"):
+        read_idx(path, 1)
+
+
+def test_count_mismatch_and_label_range_are_refused(data_dir):
+    raw = raw_dir(data_dir)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(digits(119, seed=2)[1]))
+    with pytest.raises(UserError, match="120 images but .* 119 labels"):
+        load_split(raw, "test")
+    labels = digits(120, seed=2)[1]
+    labels[3] = 10
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(UserError, match="label 10 is out of range"):
+        load_split(raw, "test")
+
+
+def test_images_of_the_wrong_size_are_refused(data_dir):
+    raw = raw_dir(data_dir)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(120, 32, 32, dtype=torch.uint8)))
+    with pytest.raises(UserError, match="expected 28 x 28"):
+        load_split(raw, "test")
+
+
+def test_gz_files_are_unpacked(tmp_path):
+    data_dir = write_mnist(tmp_path / "data", gz=True)
+    raw = ensure_raw_files(data_dir)
+    images, labels = load_split(raw, "train")
+    assert images.shape == (320, 28, 28) and labels.dtype == torch.int64
+    assert not list(raw.glob("*.part"))
+
+
+@pytest.mark.parametrize(
+    "contents", [gzip.compress(bytes(range(256)) * 40)[:200], b"this is not gzip at all"], ids=["cut", "garbage"]
+)
+def test_corrupt_gz_is_refused(tmp_path, contents):
+    data_dir = write_mnist(tmp_path / "data", gz=True)
+    gz = raw_dir(data_dir) / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(contents)
+    with pytest.raises(UserError, match="corrupt gzip"):
+        ensure_raw_files(data_dir)
+    assert not (raw_dir(data_dir) / "train-labels-idx1-ubyte").exists()
+
+
+def test_missing_files_offline_name_them(tmp_path):
+    with pytest.raises(UserError, match="missing in .*t10k-labels-idx1-ubyte.*download failed") as err:
+        ensure_raw_files(tmp_path / "empty")
+    assert "train-images-idx3-ubyte" in str(err.value)
+
+
+def test_split_sizes_disjoint_and_seeded():
+    train, val = split_indices(60000, 0.1, seed=0)
+    assert (len(train), len(val)) == (54000, 6000)
+    assert len(set(train.tolist()) | set(val.tolist())) == 60000
+    again_train, again_val = split_indices(60000, 0.1, seed=0)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, split_indices(60000, 0.1, seed=1)[1])
+    with pytest.raises(UserError, match="empty"):
+        split_indices(10, 0.01, seed=0)
+
+
+def test_datamodule_stages(shared_data_dir):
+    initial = MNISTDataModule(str(shared_data_dir), stage="initial", val_fraction=0.25, batch_size=64)
+    initial.prepare_data()
+    initial.setup("fit")
+    assert len(initial.train_set[1]) == 240 and len(initial.val_set[1]) == 80 and len(initial.test_set[1]) == 120
+    assert initial.train_set[0].dtype == torch.uint8  # kept as bytes in memory
+    full = MNISTDataModule(str(shared_data_dir), stage="full")
+    full.setup("fit")
+    assert len(full.train_set[1]) == 320 and full.val_set[1] is full.test_set[1]
+
+
+def test_loader_keeps_last_batch_and_shuffles_per_epoch():
+    images, labels = digits(100, seed=3)
+    loader = InMemoryLoader(images, labels.long(), batch_size=32, shuffle=True, seed=5)
+    assert len(loader) == 4
+    epoch0 = [y for _, y in loader]
+    assert [len(y) for y in epoch0] == [32, 32, 32, 4]
+    assert sorted(torch.cat(epoch0).tolist()) == sorted(labels.tolist())
+    assert torch.equal(torch.cat(epoch0), torch.cat([y for _, y in loader]))  # same epoch, same order
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(torch.cat(epoch0), torch.cat([y for _, y in loader]))
+    other_seed = InMemoryLoader(images, labels.long(), batch_size=32, shuffle=True, seed=6)
+    assert not torch.equal(torch.cat(epoch0), torch.cat([y for _, y in other_seed]))
+    plain = InMemoryLoader(images, labels.long(), batch_size=32, shuffle=False)
+    assert torch.equal(torch.cat([y for _, y in plain]), labels.long())
+
+
+def test_normalize():
+    images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    x = normalize(images)
+    assert x.shape == (1, 1, 2, 2) and x.dtype == torch.float32
+    expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - MEAN) / STD
+    assert torch.allclose(x[0, 0], expected)
+
+
+@pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw").is_dir(), reason="the real MNIST files are not beside the repo")
+def test_normalisation_constants_match_real_training_images():
+    images, labels = load_split(raw_dir(REAL_DATA), "train")  # also checks the official md5s
+    pixels = images.double().div(255)
+    assert len(labels) == 60000
+    assert pixels.mean().item() == pytest.approx(MEAN, abs=1e-9)
+    assert pixels.std(unbiased=False).item() == pytest.approx(STD, abs=1e-9)
