@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shlex
 import shutil
 import sys
@@ -28,7 +29,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataModule, ensure_raw_files
 from mnist_lit.errors import UserError
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
@@ -158,8 +159,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise UserError(f"{path}: refused, not plain tensors and data (loading it could run code): {reason}") from None
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:  # the pickle names a function or class: loading it could run code
+            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
+        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
@@ -319,6 +322,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     resume = ckpt_stage == args.stage
     settings, epochs = choose_settings(args, ckpt, resume)
 
+    ensure_raw_files(args.data_dir)  # fail on missing data before a run directory is made
     run_dir = new_run_dir(args.save_dir, args.stage)
     (run_dir / "command.txt").write_text(command + "\n")
     snapshot_code(run_dir)

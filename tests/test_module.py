@@ -1,0 +1,65 @@
+"""mnist_lit.module: the LightningModule's training step, schedule, metrics and checkpoint loading."""
+
+import pytest
+import torch
+from conftest import digits
+
+from mnist_lit.data import normalize
+from mnist_lit.module import MNISTLitModule, SplitMetrics, format_eval
+
+
+def batch(n=64, seed=0):
+    images, labels = digits(n, seed)
+    return normalize(images), labels.long()
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = MNISTLitModule(lr=0.05)
+    optimizer = model.configure_optimizers()["optimizer"]
+    x, y = batch()
+    before = model.training_step((x, y), 0)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model.training_step((x, y), 0)
+    assert after.item() < before.item()
+
+
+def lrs_per_epoch(milestones, epochs=20):
+    model = MNISTLitModule(milestones=milestones)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: changes nothing, keeps the optimizer-then-scheduler order
+        scheduler.step()
+    return [round(lr, 10) for lr in lrs]
+
+
+def test_code_schedule_is_the_default():
+    assert MNISTLitModule().hparams.milestones == [2, 10]
+    assert lrs_per_epoch([2, 10]) == [0.01] * 2 + [0.001] * 8 + [0.0001] * 10
+
+
+def test_readme_schedule():
+    assert lrs_per_epoch([2, 4]) == [0.01] * 2 + [0.001] * 2 + [0.0001] * 16
+
+
+def test_split_metrics_weigh_every_sample_equally():
+    metrics = SplitMetrics(num_classes=3)
+    # batch of 3 with loss 1.0, then a partial batch of 1 with loss 5.0: the mean over 4 samples is 2.0
+    metrics.update(torch.eye(3).log(), torch.tensor([0, 1, 2]), torch.tensor(1.0))
+    metrics.update(torch.eye(3)[:1].log(), torch.tensor([1]), torch.tensor(5.0))
+    result = metrics.compute_and_reset()
+    assert result["loss"].item() == pytest.approx(2.0)
+    assert result["acc"].item() == pytest.approx(0.75) and result["count"].item() == 4
+    assert format_eval("val", result) == "val 3/4 (75.00%)"
+
+
+def test_hparams_are_plain_data():
+    hparams = dict(MNISTLitModule(milestones=(3, 7)).hparams)
+    assert hparams["milestones"] == [3, 7]
+    plain = (str, int, float, bool, list, type(None))
+    assert all(isinstance(v, plain) for v in hparams.values()), hparams

@@ -1,0 +1,223 @@
+"""mnist_lit.training and scripts/train.py: both stages end to end on small IDX files, resume, CLI, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mnist_lit.data import MNISTDataModule, normalize
+from mnist_lit.errors import UserError
+from mnist_lit.loss import nll_loss
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.training import main, parse_args, resolve_ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+# 320 training images -> 288 train / 32 val with the default 10 %; batch 64 -> 5 steps per epoch.
+INITIAL = ["--epochs", "4", "--save-freq", "2", "--lr", "0.05", "--milestones", "2", "3", "--quiet"]
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def net_weights(ckpt_path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt_path, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def epoch_lines(run_dir: Path) -> list[str]:
+    return [line for line in (run_dir / "log.txt").read_text().splitlines() if line.startswith("epoch ")]
+
+
+@pytest.fixture(scope="module")
+def initial_run(shared_data_dir, tmp_path_factory):
+    """One 4-epoch initial run; returns (data_dir, save_dir, run_dir)."""
+    save_dir = tmp_path_factory.mktemp("runs") / "logs"
+    assert run("--data-dir", shared_data_dir, "--save-dir", save_dir, *INITIAL) == 0
+    return shared_data_dir, save_dir, save_dir / "initial" / "version_0"
+
+
+def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
+    _, _, run_dir = initial_run
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["002.ckpt", "004.ckpt", "last.ckpt"]
+    assert all(torch.equal(a, b) for a, b in zip(net_weights(ckpts / "004.ckpt").values(),
+                                                 net_weights(ckpts / "last.ckpt").values()))
+    lines = epoch_lines(run_dir)
+    assert [line.split()[:4] for line in lines] == [
+        ["epoch", "1", "lr", "0.05"], ["epoch", "2", "lr", "0.05"],
+        ["epoch", "3", "lr", "0.005"], ["epoch", "4", "lr", "0.0005"],
+    ]
+    assert all("val " in line and "/32 (" in line for line in lines)
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["stage"] == "initial" and hparams["milestones"] == [2, 3] and hparams["batch_size"] == 64
+    assert "--milestones 2 3" in (run_dir / "command.txt").read_text()
+    assert (run_dir / "code" / "mnist_lit" / "data.py").is_file()
+    assert (run_dir / "code" / "scripts" / "train.py").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["split"] == "val" and results["count"] == 32 and results["epoch"] == 4
+    assert results["acc"] > 0.5  # the fake digits are easy: the pipeline really learns
+
+
+def test_last_ckpt_is_written_every_epoch_even_without_numbered_saves(shared_data_dir, tmp_path):
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "2", "--save-freq", "5",
+               "--quiet") == 0
+    ckpts = tmp_path / "initial" / "version_0" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1  # 0-based: the 2nd epoch
+
+
+def test_checkpoint_loads_safely(initial_run):
+    _, _, run_dir = initial_run
+    model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert model.hparams.stage == "initial" and model.hparams.milestones == [2, 3]
+
+
+def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
+    """The original's spellings (--train-full 1 --resume last.ckpt); epochs 5..24 at lr 1e-4 on all images,
+    evaluated on the test set; the weights equal a plain loop from the initial weights with a fresh SGD."""
+    data_dir, save_dir, initial_dir = initial_run
+    assert run("--train-full", "1", "--resume", "last.ckpt", "--data-dir", data_dir, "--save-dir", save_dir,
+               "--quiet") == 0
+    assert f"-> {initial_dir / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    run_dir = save_dir / "full" / "version_0"
+    lines = epoch_lines(run_dir)
+    assert [int(line.split()[1]) for line in lines] == list(range(5, 25))
+    assert all(line.split()[3] == "0.0001" and " test " in line and "/120 (" in line for line in lines)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 24)
+    initial = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert full["global_step"] == initial["global_step"] + 20 * 5  # TensorBoard's step axis continues
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "005.ckpt", "010.ckpt", "015.ckpt", "020.ckpt", "last.ckpt"]
+
+    # The same 20 epochs as a plain PyTorch loop: fresh SGD, lr 1e-4, momentum 0.5, same batches.
+    model = MNISTLitModule.load_from_checkpoint(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    optimizer = torch.optim.SGD(model.net.parameters(), lr=1e-4, momentum=0.5)
+    data = MNISTDataModule(str(data_dir), stage="full")
+    data.setup()
+    loader = data.train_dataloader()
+    for epoch in range(4, 24):
+        loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            optimizer.zero_grad()
+            nll_loss(model.net(normalize(images)), labels).backward()
+            optimizer.step()
+    expected = {f"net.{k}": v for k, v in model.net.state_dict().items()}
+    assert all(torch.equal(expected[k], v) for k, v in net_weights(run_dir / "checkpoints" / "last.ckpt").items())
+
+
+def test_resume_of_an_interrupted_run_gives_the_same_weights(initial_run, tmp_path):
+    data_dir, _, uninterrupted = initial_run
+    common = ["--data-dir", data_dir, "--save-dir", tmp_path, *INITIAL]
+    assert run(*common[:-len(INITIAL)], *INITIAL[2:], "--epochs", "2") == 0  # stops after epoch 2 of 4
+    assert run(*common, "--ckpt", "last.ckpt") == 0  # resumes it into version_1 and trains epochs 3-4
+    resumed = tmp_path / "initial" / "version_1"
+    assert [line.split()[1] for line in epoch_lines(resumed)] == ["3", "4"]
+    assert (tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt").is_file()  # nothing overwritten
+    a = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+
+
+def test_resolve_ckpt(tmp_path):
+    for version, has_last in ((0, True), (1, True), (2, False)):
+        (tmp_path / "initial" / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        if has_last:
+            (tmp_path / "initial" / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    expected = tmp_path / "initial" / "version_1" / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt("last.ckpt", tmp_path) == expected  # newest run that holds it
+    assert resolve_ckpt(str(expected), tmp_path) == expected  # a path is taken as it is
+    with pytest.raises(UserError, match="020.ckpt not found"):
+        resolve_ckpt("020.ckpt", tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        resolve_ckpt(str(tmp_path / "nowhere" / "last.ckpt"), tmp_path)
+
+
+def test_original_spellings_parse_like_the_new_ones():
+    old = parse_args(["--train-full", "1", "--resume", "x.ckpt"])
+    new = parse_args(["--stage", "full", "--ckpt", "x.ckpt"])
+    assert (old.stage, old.ckpt) == (new.stage, new.ckpt) == ("full", "x.ckpt")
+    assert parse_args(["--train-full", "0"]).stage == "initial"
+    with pytest.raises(UserError, match="contradicts"):
+        parse_args(["--train-full", "1", "--stage", "initial"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stage", "full"], "--stage full needs --ckpt"),
+        (["--ckpt", "missing.ckpt"], "missing.ckpt not found"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
+        (["--milestones", "10", "2"], "--milestones must be increasing"),
+        (["--stage", "half"], "invalid choice"),
+        (["--no-such-option"], "unrecognized arguments"),
+    ],
+)
+def test_bad_options_give_one_error_line(argv, message, shared_data_dir, tmp_path, capsys):
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "initial").exists()  # no run directory for a run that never started
+
+
+class RunsCode:
+    """Unpickling this would call os.system: a checkpoint holding it must be refused, not loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
+    data_dir, save_dir, initial_dir = initial_run
+    last = initial_dir / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[:5000])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"stage": "initial"}, "payload": RunsCode()}, evil)
+    cases = [
+        (["--ckpt", truncated], "not a readable checkpoint"),
+        (["--ckpt", text], "not a readable checkpoint"),
+        (["--ckpt", foreign], "not an mnist_lit checkpoint"),
+        (["--ckpt", evil], "refused, it asks to load posix.system"),
+        (["--ckpt", last, "--epochs", "4"], "not beyond the checkpoint's epoch 4"),
+        (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
+    ]
+    for argv, message in cases:
+        assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_missing_data_offline(tmp_path, capsys):
+    assert run("--data-dir", tmp_path / "nothing", "--save-dir", tmp_path / "logs", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "MNIST files missing" in err and "train-images-idx3-ubyte" in err and err.count("\n") == 1
+    assert not (tmp_path / "logs" / "initial").exists()
+
+
+def test_script_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--stage", "full", "--save-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --stage full needs --ckpt: the initial stage's checkpoint to go on "
+                                        "from (e.g. last.ckpt)"]
