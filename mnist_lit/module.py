@@ -111,7 +111,10 @@ class MNISTLitModule(pl.LightningModule):
         train = self._log_epoch("train")
         log.info(
             "epoch %d lr %g train loss %.4f %s",
-            self.current_epoch + 1, self.epoch_lr, float(train["loss"]), format_eval(self.eval_split, self.last_eval),
+            self.current_epoch + 1,
+            self.epoch_lr,
+            float(train["loss"]),
+            format_eval(self.eval_split, self.last_eval),
         )
 
     def configure_optimizers(self):

@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["initial", "full"], help="initial (default): 90/10 split; full: all 60k")
     p.add_argument("--train-full", type=int, choices=[0, 1], help="the original's spelling: 1 means --stage full")
     p.add_argument(
-        "--ckpt", "--resume", dest="ckpt", metavar="PATH",
+        "--ckpt",
+        "--resume",
+        dest="ckpt",
+        metavar="PATH",
         help="checkpoint to resume (same stage) or to start the full stage from; a bare name such as "
         "last.ckpt means that file of the newest initial-stage run under --save-dir",
     )
@@ -108,7 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.seed, lambda v: v >= 0, "--seed must be >= 0"),
         (args.epochs, lambda v: v >= 1, "--epochs must be >= 1"),
         (args.save_freq, lambda v: v >= 1, "--save-freq must be >= 1"),
-        (args.milestones, lambda v: all(a < b for a, b in zip([0, *v], v)), "--milestones must be increasing and > 0"),
+        (
+            args.milestones,
+            lambda v: v == sorted(set(v)) and min(v, default=1) > 0,
+            "--milestones must be increasing, > 0",
+        ),
     ]
     for value, ok, message in checks:
         if value is not None and not ok(value):
@@ -219,8 +226,12 @@ class NumberedCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: Path, every_n_epochs: int):
         super().__init__(
-            dirpath=dirpath, filename="{epoch:03d}", auto_insert_metric_name=False,
-            every_n_epochs=every_n_epochs, save_top_k=-1, save_on_train_epoch_end=True,
+            dirpath=dirpath,
+            filename="{epoch:03d}",
+            auto_insert_metric_name=False,
+            every_n_epochs=every_n_epochs,
+            save_top_k=-1,
+            save_on_train_epoch_end=True,
         )
 
     def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
@@ -254,8 +265,12 @@ def build_trainer(args: argparse.Namespace, run_dir: Path, epochs: int, fresh_op
         NumberedCheckpoint(checkpoints, every_n_epochs=args.save_freq),
         # Lightning writes last.ckpt only together with a top-k save, so a second, every-epoch callback does it.
         ModelCheckpoint(
-            dirpath=checkpoints, filename="last", every_n_epochs=1, save_top_k=1,
-            enable_version_counter=False, save_on_train_epoch_end=True,
+            dirpath=checkpoints,
+            filename="last",
+            every_n_epochs=1,
+            save_top_k=1,
+            enable_version_counter=False,
+            save_on_train_epoch_end=True,
         ),
         LearningRateMonitor(logging_interval="epoch"),
     ]
@@ -332,12 +347,20 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
         pl.seed_everything(settings["seed"], verbose=False)
         datamodule = MNISTDataModule(
-            data_dir=args.data_dir, stage=args.stage, val_fraction=settings["val_fraction"], seed=settings["seed"],
-            batch_size=settings["batch_size"], eval_batch_size=settings["eval_batch_size"],
+            data_dir=args.data_dir,
+            stage=args.stage,
+            val_fraction=settings["val_fraction"],
+            seed=settings["seed"],
+            batch_size=settings["batch_size"],
+            eval_batch_size=settings["eval_batch_size"],
         )
         model = MNISTLitModule(
-            net=settings["net"], lr=settings["lr"], momentum=settings["momentum"],
-            milestones=settings["milestones"], stage=args.stage, epochs=epochs,
+            net=settings["net"],
+            lr=settings["lr"],
+            momentum=settings["momentum"],
+            milestones=settings["milestones"],
+            stage=args.stage,
+            epochs=epochs,
         )
         trainer = build_trainer(args, run_dir, epochs, fresh_optimizer=ckpt is not None and not resume)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -35,7 +35,7 @@ def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool 
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         images, labels = digits(n, seed)
-        for name, array in zip(FILES[split], (images, labels)):
+        for name, array in zip(FILES[split], (images, labels), strict=True):
             data = idx_bytes(array)
             if gz:
                 (raw / f"{name}.gz").write_bytes(gzip.compress(data))

@@ -17,7 +17,14 @@ def test_lenet_output_is_log_probabilities_of_ten_classes():
 def test_lenet_has_the_original_layers():
     net = LeNet()
     assert [tuple(p.shape) for p in net.parameters()] == [
-        (20, 1, 5, 5), (20,), (50, 20, 5, 5), (50,), (500, 800), (500,), (10, 500), (10,),
+        (20, 1, 5, 5),
+        (20,),
+        (50, 20, 5, 5),
+        (50,),
+        (500, 800),
+        (500,),
+        (10, 500),
+        (10,),
     ]
     assert sum(p.numel() for p in net.parameters()) == 431_080
 

@@ -30,6 +30,10 @@ def net_weights(ckpt_path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("net.")}
 
 
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def epoch_lines(run_dir: Path) -> list[str]:
     return [line for line in (run_dir / "log.txt").read_text().splitlines() if line.startswith("epoch ")]
 
@@ -46,12 +50,13 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
     _, _, run_dir = initial_run
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["002.ckpt", "004.ckpt", "last.ckpt"]
-    assert all(torch.equal(a, b) for a, b in zip(net_weights(ckpts / "004.ckpt").values(),
-                                                 net_weights(ckpts / "last.ckpt").values()))
+    assert same_tensors(net_weights(ckpts / "004.ckpt"), net_weights(ckpts / "last.ckpt"))
     lines = epoch_lines(run_dir)
     assert [line.split()[:4] for line in lines] == [
-        ["epoch", "1", "lr", "0.05"], ["epoch", "2", "lr", "0.05"],
-        ["epoch", "3", "lr", "0.005"], ["epoch", "4", "lr", "0.0005"],
+        ["epoch", "1", "lr", "0.05"],
+        ["epoch", "2", "lr", "0.05"],
+        ["epoch", "3", "lr", "0.005"],
+        ["epoch", "4", "lr", "0.0005"],
     ]
     assert all("val " in line and "/32 (" in line for line in lines)
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
@@ -66,8 +71,9 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
 
 
 def test_last_ckpt_is_written_every_epoch_even_without_numbered_saves(shared_data_dir, tmp_path):
-    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "2", "--save-freq", "5",
-               "--quiet") == 0
+    assert (
+        run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "2", "--save-freq", "5", "--quiet") == 0
+    )
     ckpts = tmp_path / "initial" / "version_0" / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1  # 0-based: the 2nd epoch
@@ -83,8 +89,10 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     """The original's spellings (--train-full 1 --resume last.ckpt); epochs 5..24 at lr 1e-4 on all images,
     evaluated on the test set; the weights equal a plain loop from the initial weights with a fresh SGD."""
     data_dir, save_dir, initial_dir = initial_run
-    assert run("--train-full", "1", "--resume", "last.ckpt", "--data-dir", data_dir, "--save-dir", save_dir,
-               "--quiet") == 0
+    assert (
+        run("--train-full", "1", "--resume", "last.ckpt", "--data-dir", data_dir, "--save-dir", save_dir, "--quiet")
+        == 0
+    )
     assert f"-> {initial_dir / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     run_dir = save_dir / "full" / "version_0"
     lines = epoch_lines(run_dir)
@@ -96,7 +104,12 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["global_step"] == initial["global_step"] + 20 * 5  # TensorBoard's step axis continues
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "005.ckpt", "010.ckpt", "015.ckpt", "020.ckpt", "last.ckpt"]
+        "005.ckpt",
+        "010.ckpt",
+        "015.ckpt",
+        "020.ckpt",
+        "last.ckpt",
+    ]
 
     # The same 20 epochs as a plain PyTorch loop: fresh SGD, lr 1e-4, momentum 0.5, same batches.
     model = MNISTLitModule.load_from_checkpoint(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -111,24 +124,22 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
             nll_loss(model.net(normalize(images)), labels).backward()
             optimizer.step()
     expected = {f"net.{k}": v for k, v in model.net.state_dict().items()}
-    assert all(torch.equal(expected[k], v) for k, v in net_weights(run_dir / "checkpoints" / "last.ckpt").items())
+    assert same_tensors(expected, net_weights(run_dir / "checkpoints" / "last.ckpt"))
 
 
 def test_resume_of_an_interrupted_run_gives_the_same_weights(initial_run, tmp_path):
     data_dir, _, uninterrupted = initial_run
     common = ["--data-dir", data_dir, "--save-dir", tmp_path, *INITIAL]
-    assert run(*common[:-len(INITIAL)], *INITIAL[2:], "--epochs", "2") == 0  # stops after epoch 2 of 4
+    assert run(*common[: -len(INITIAL)], *INITIAL[2:], "--epochs", "2") == 0  # stops after epoch 2 of 4
     assert run(*common, "--ckpt", "last.ckpt") == 0  # resumes it into version_1 and trains epochs 3-4
     resumed = tmp_path / "initial" / "version_1"
     assert [line.split()[1] for line in epoch_lines(resumed)] == ["3", "4"]
     assert (tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt").is_file()  # nothing overwritten
     a = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    momentum_a = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
-    momentum_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert same_tensors(a["state_dict"], b["state_dict"])
+    momentum = [{k: s["momentum_buffer"] for k, s in c["optimizer_states"][0]["state"].items()} for c in (a, b)]
+    assert same_tensors(*momentum)
 
 
 def test_resolve_ckpt(tmp_path):
@@ -216,8 +227,11 @@ def test_missing_data_offline(tmp_path, capsys):
 def test_script_exit_code_and_single_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--stage", "full", "--save-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["error: --stage full needs --ckpt: the initial stage's checkpoint to go on "
-                                        "from (e.g. last.ckpt)"]
+    assert proc.stderr.splitlines() == [
+        "error: --stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)"
+    ]

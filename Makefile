@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:  make run  (whole pipeline)   make test  (test suite)
+# Both create .venv and install into it first.  DATA_DIR=../shared/data make run  uses local MNIST files.
+PYTHON ?= python3
+VENV ?= .venv
+DATA_DIR ?= data
+SAVE_DIR ?= lightning_logs
+BIN := $(VENV)/bin
+
+.PHONY: install run test test-fast lint tensorboard clean
+
+# torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg.
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run_all.sh "$(DATA_DIR)" "$(SAVE_DIR)"
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir "$(SAVE_DIR)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
