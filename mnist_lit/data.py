@@ -1,8 +1,8 @@
-"""MNIST as a LightningDataModule: the four IDX files, decoded once into uint8 tensors, served in batches.
+"""MNIST (or its sisters) as a LightningDataModule: four IDX files, decoded once into uint8 tensors, batched.
 
-Layout on disk is torchvision's: ``<data_dir>/MNIST/raw/<the four IDX files>``. Batches are cut from the
-in-memory tensors by indexing (no per-sample PIL/ToTensor work) and normalised as whole tensors on the
-Trainer's device, in ``on_after_batch_transfer``.
+Layout on disk is torchvision's: ``<data_dir>/<MNIST|FashionMNIST|KMNIST>/raw/<the four IDX files>``.
+Batches are cut from the in-memory tensors by indexing (no per-sample PIL/ToTensor work) and normalised as
+whole tensors on the Trainer's device, in ``on_after_batch_transfer``.
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,31 +21,60 @@ import torch
 
 from mnist_lit.errors import UserError
 
-FILES = {  # split -> (images, labels), the official names
+FILES = {  # split -> (images, labels): the same names for all three datasets
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# The official uncompressed files: (size in bytes, md5). A file of exactly that size must have that md5;
-# files of other sizes (e.g. the small ones the tests write) are checked for structure only.
-OFFICIAL = {
-    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
-    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """An MNIST-format dataset that torchvision knows: its files live in ``<data_dir>/<folder>/raw``."""
+
+    folder: str  # torchvision's class name, which is also its folder name
+    classes: tuple[str, ...]  # names of labels 0..9, as torchvision gives them
+    # Official uncompressed files, where known: name -> (size in bytes, md5). A file of exactly that size must
+    # have that md5; files of other sizes (e.g. the small ones the tests write) are checked for structure only.
+    official: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+DATASETS = {
+    "mnist": DatasetSpec(
+        "MNIST",
+        tuple("0123456789"),
+        {
+            "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
+            "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
+            "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+            "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+        },
+    ),
+    "fashion_mnist": DatasetSpec(
+        "FashionMNIST",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+    "kmnist": DatasetSpec("KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
-# Pixel mean and std of the 60k official training images after /255 (tests recompute them from the files).
+# MNIST's pixel mean and std after /255 over its 60k training images. The data module computes each dataset's
+# own from its training file; these are the figures it must find for MNIST (tests check it on the real files).
 MEAN, STD = 0.1306604762738429, 0.30810780385646264
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
 
-def raw_dir(data_dir) -> Path:
-    return Path(data_dir) / "MNIST" / "raw"
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
-def ensure_raw_files(data_dir, download: bool = True) -> Path:
-    """Make sure the four IDX files are in ``raw_dir(data_dir)``: as they are, gunzipped, or downloaded."""
-    raw = raw_dir(data_dir)
+def raw_dir(data_dir, dataset: str = "mnist") -> Path:
+    return Path(data_dir) / dataset_spec(dataset).folder / "raw"
+
+
+def ensure_raw_files(data_dir, dataset: str = "mnist", download: bool = True) -> Path:
+    """Make sure the four IDX files are in ``raw_dir(data_dir, dataset)``: as they are, gunzipped, or downloaded."""
+    raw = raw_dir(data_dir, dataset)
     names = [name for pair in FILES.values() for name in pair]
     for name in names:
         if not (raw / name).exists() and (raw / f"{name}.gz").exists():
@@ -54,24 +84,28 @@ def ensure_raw_files(data_dir, download: bool = True) -> Path:
         return raw
     reason = "downloading is off"
     if download:
-        reason = _download(data_dir)
+        reason = _download(data_dir, dataset)
         missing = [name for name in names if not (raw / name).exists()]
         if not missing:
             return raw
     raise UserError(
-        f"MNIST files missing in {raw}: {', '.join(missing)} ({reason}); put the four IDX files there "
-        f"(uncompressed or .gz), or pass --data-dir to a folder that holds MNIST/raw/"
+        f"{dataset} files missing in {raw}: {', '.join(missing)} ({reason}); put the four IDX files there "
+        f"(uncompressed or .gz), or pass --data-dir to a folder that holds {dataset_spec(dataset).folder}/raw/"
     )
 
 
-def _download(data_dir) -> str:
-    """Download with torchvision; returns why it failed ('' on success). Its chatter is kept off the console."""
-    from torchvision import datasets
+def _torchvision_class(dataset: str):
+    from torchvision import datasets  # imported only when needed: it is slow to import
 
+    return getattr(datasets, dataset_spec(dataset).folder)
+
+
+def _download(data_dir, dataset: str) -> str:
+    """Download with torchvision; returns why it failed ('' on success). Its chatter is kept off the console."""
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            datasets.MNIST(root=str(data_dir), download=True)
+            _torchvision_class(dataset)(root=str(data_dir), download=True)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError ... depending on the failure
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"download failed, offline? {first_line}"
@@ -92,7 +126,7 @@ def _gunzip(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def read_idx(path: Path, ndim: int) -> torch.Tensor:
+def read_idx(path: Path, ndim: int, official: dict[str, tuple[int, str]] | None = None) -> torch.Tensor:
     """Decode an IDX file of unsigned bytes with ``ndim`` dimensions (1: labels, 3: images), fully checked."""
     path = Path(path)
     try:
@@ -112,16 +146,17 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
             f"{path}: {len(data)} bytes, but its header ({' x '.join(map(str, dims))}) needs {expected}: "
             "truncated or corrupt"
         )
-    official = OFFICIAL.get(path.name)
-    if official and len(data) == official[0] and hashlib.md5(data).hexdigest() != official[1]:
-        raise UserError(f"{path}: md5 differs from the official MNIST file: corrupt, replace it")
+    size, md5 = (official or {}).get(path.name, (None, None))
+    if len(data) == size and hashlib.md5(data).hexdigest() != md5:
+        raise UserError(f"{path}: md5 differs from the official file: corrupt, replace it")
     return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(dims)
 
 
-def load_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(raw: Path, split: str, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
     """The checked images (uint8, N x 28 x 28) and labels (int64, N) of 'train' or 'test'."""
     image_path, label_path = (raw / name for name in FILES[split])
-    images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+    official = dataset_spec(dataset).official
+    images, labels = read_idx(image_path, 3, official), read_idx(label_path, 1, official)
     if tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise UserError(f"{image_path}: images are {tuple(images.shape[1:])}, expected 28 x 28")
     if len(images) != len(labels):
@@ -142,9 +177,20 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N x 28 x 28) -> float (N x 1 x 28 x 28) with the training set's mean 0 and std 1."""
-    return images.unsqueeze(1).float().div_(255).sub_(MEAN).div_(STD)
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) std of uint8 images after /255, exact, from a 256-bin histogram (no float copy)."""
+    counts = torch.bincount(images.reshape(-1), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum() / counts.sum()
+    var = (counts * (values - mean) ** 2).sum() / counts.sum()
+    return mean.item(), var.sqrt().item()
+
+
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """Pixels 0..255 (N x 28 x 28 or N x 1 x 28 x 28, any dtype) -> float N x 1 x 28 x 28, (x/255 - mean) / std."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return (images.float() - 255 * mean) / (255 * std)
 
 
 class EpochSampler:
@@ -196,16 +242,18 @@ class InMemoryLoader:
 
 
 class MNISTDataModule(pl.LightningDataModule):
-    """MNIST for the two stages.
+    """MNIST (or ``dataset``: fashion_mnist, kmnist) for the two stages.
 
     stage "initial": a seeded split of the 60k training images into train (1 - val_fraction) and validation.
     stage "full": all 60k images for training; the 10k test images are the per-epoch evaluation set.
-    The test set is always the 10k official test images.
+    The test set is always the 10k official test images. Normalisation uses the mean and std of all 60k
+    training images, computed in ``setup`` (``self.mean``, ``self.std``).
     """
 
     def __init__(
         self,
         data_dir: str = "data",
+        dataset: str = "mnist",
         stage: str = "initial",
         val_fraction: float = 0.1,
         seed: int = 0,
@@ -214,21 +262,28 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
     ):
         super().__init__()
+        dataset_spec(dataset)  # fail early on an unknown name
         if stage not in ("initial", "full"):
             raise UserError(f"unknown stage {stage!r}: use 'initial' or 'full'")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
+        self.mean, self.std = MEAN, STD
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return dataset_spec(self.hparams.dataset).classes
 
     def prepare_data(self) -> None:
-        ensure_raw_files(self.hparams.data_dir, download=self.hparams.download)
+        ensure_raw_files(self.hparams.data_dir, self.hparams.dataset, download=self.hparams.download)
 
     def setup(self, stage: str | None = None) -> None:
         """Decode the files once (``stage`` is Lightning's fit/validate/test: all splits are made at once)."""
         if self.train_set is not None:
             return
-        raw = raw_dir(self.hparams.data_dir)
-        train_images, train_labels = load_split(raw, "train")
-        self.test_set = load_split(raw, "test")
+        raw = raw_dir(self.hparams.data_dir, self.hparams.dataset)
+        train_images, train_labels = load_split(raw, "train", self.hparams.dataset)
+        self.test_set = load_split(raw, "test", self.hparams.dataset)
+        self.mean, self.std = pixel_stats(train_images)
         if self.hparams.stage == "initial":
             train_idx, val_idx = split_indices(len(train_labels), self.hparams.val_fraction, self.hparams.seed)
             self.train_set = (train_images[train_idx], train_labels[train_idx])
@@ -247,4 +302,4 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        return normalize(images), labels
+        return normalize(images, self.mean, self.std), labels

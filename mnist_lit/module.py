@@ -8,7 +8,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_lit.data import NUM_CLASSES
+from mnist_lit.data import MEAN, NUM_CLASSES, STD
+from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.net import build_net
 
@@ -54,11 +55,15 @@ class MNISTLitModule(pl.LightningModule):
         gamma: float = 0.1,
         stage: str = "initial",
         epochs: int = 20,
+        dataset: str = "mnist",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
         self.net = build_net(net, NUM_CLASSES)
+        # The training images' pixel mean and std, taken from the data module at setup: saved with the
+        # weights, so the model can be used (predict, export) without the data.
+        self.register_buffer("pixel_stats", torch.tensor([MEAN, STD], dtype=torch.float64))
         # One metric object per split (ModuleDict keys may not be "train": nn.Module.train exists).
         self.train_metrics = SplitMetrics(NUM_CLASSES)
         self.val_metrics = SplitMetrics(NUM_CLASSES)
@@ -68,6 +73,15 @@ class MNISTLitModule(pl.LightningModule):
         self.eval_split = "val" if stage == "initial" else "test"
         self.last_eval: dict[str, torch.Tensor] = {}
         self.epoch_lr = lr
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            return
+        if datamodule.hparams.dataset != self.hparams.dataset:
+            raise UserError(f"this model is for {self.hparams.dataset}, the data is {datamodule.hparams.dataset}")
+        if stage == "fit":  # evaluation keeps the statistics the model was trained with
+            self.pixel_stats = torch.tensor([datamodule.mean, datamodule.std], dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

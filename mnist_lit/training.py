@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
-import re
 import shlex
 import shutil
 import sys
@@ -24,13 +22,13 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from mnist_lit.data import MNISTDataModule, ensure_raw_files
+from mnist_lit.data import DATASETS, MNISTDataModule, ensure_raw_files
 from mnist_lit.errors import UserError
+from mnist_lit.inference import load_checkpoint
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
 
@@ -40,6 +38,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Settings of a new initial run; a resumed run keeps its checkpoint's, a new full stage inherits the initial
 # run's except its own schedule (FULL_STAGE). Options given on the command line override these.
 DEFAULTS = {
+    "dataset": "mnist",
     "net": "lenet",
     "lr": 0.01,
     "momentum": 0.5,
@@ -74,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "last.ckpt means that file of the newest initial-stage run under --save-dir",
     )
     p.add_argument("--data-dir", default="data", help="holds MNIST/raw/ (default: data, downloaded if missing)")
+    p.add_argument("--dataset", choices=list(DATASETS), help="mnist (default), fashion_mnist or kmnist")
     p.add_argument("--save-dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
     p.add_argument("--net", choices=sorted(NETS), help="architecture (default lenet, the original's)")
     p.add_argument("--epochs", type=int, help="number of the last epoch (default 20; full: checkpoint's + 20)")
@@ -159,23 +159,6 @@ def resolve_ckpt(name: str, save_dir) -> Path:
                 return candidate
         raise UserError(f"checkpoint {name} not found: no such file, and no run under {save_dir}/initial holds it")
     raise UserError(f"checkpoint not found: {name}")
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found:  # the pickle names a function or class: loading it could run code
-            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
-        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
-    except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "stage" not in hparams or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
-    return ckpt
 
 
 def snapshot_code(run_dir: Path) -> None:
@@ -337,7 +320,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     resume = ckpt_stage == args.stage
     settings, epochs = choose_settings(args, ckpt, resume)
 
-    ensure_raw_files(args.data_dir)  # fail on missing data before a run directory is made
+    ensure_raw_files(args.data_dir, settings["dataset"])  # fail on missing data before a run directory is made
     run_dir = new_run_dir(args.save_dir, args.stage)
     (run_dir / "command.txt").write_text(command + "\n")
     snapshot_code(run_dir)
@@ -348,6 +331,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         pl.seed_everything(settings["seed"], verbose=False)
         datamodule = MNISTDataModule(
             data_dir=args.data_dir,
+            dataset=settings["dataset"],
             stage=args.stage,
             val_fraction=settings["val_fraction"],
             seed=settings["seed"],
@@ -361,6 +345,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
             milestones=settings["milestones"],
             stage=args.stage,
             epochs=epochs,
+            dataset=settings["dataset"],
         )
         trainer = build_trainer(args, run_dir, epochs, fresh_optimizer=ckpt is not None and not resume)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -29,9 +29,9 @@ def digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool = False) -> Path:
-    """Write the four IDX files (optionally as .gz) under data_dir/MNIST/raw; returns data_dir."""
-    raw = raw_dir(data_dir)
+def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool = False, dataset="mnist") -> Path:
+    """Write the four IDX files (optionally as .gz) under data_dir/<dataset folder>/raw; returns data_dir."""
+    raw = raw_dir(data_dir, dataset)
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         images, labels = digits(n, seed)
@@ -58,7 +58,8 @@ def shared_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_download(monkeypatch):
-    """Point torchvision's MNIST mirrors at a closed local port: a download attempt fails at once, offline."""
+    """Point torchvision's mirrors at a closed local port: a download attempt fails at once, offline."""
     from torchvision import datasets
 
-    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    for name in ("MNIST", "FashionMNIST", "KMNIST"):
+        monkeypatch.setattr(getattr(datasets, name), "mirrors", ["http://127.0.0.1:9/"])

@@ -7,14 +7,15 @@ import torch
 from conftest import REAL_DATA, digits, idx_bytes, write_mnist
 
 from mnist_lit.data import (
+    DATASETS,
     MEAN,
-    OFFICIAL,
     STD,
     InMemoryLoader,
     MNISTDataModule,
     ensure_raw_files,
     load_split,
     normalize,
+    pixel_stats,
     raw_dir,
     read_idx,
     split_indices,
@@ -57,11 +58,11 @@ def test_labels_file_read_as_images_is_refused(tmp_path):
 
 def test_official_size_with_wrong_md5_is_refused(tmp_path):
     name = "t10k-labels-idx1-ubyte"
-    size, _ = OFFICIAL[name]
+    size, _ = DATASETS["mnist"].official[name]
     path = tmp_path / name
     path.write_bytes(idx_bytes(torch.zeros(size - 8, dtype=torch.uint8)))  # right size, wrong contents
     with pytest.raises(UserError, match="md5"):
-        read_idx(path, 1)
+        read_idx(path, 1, DATASETS["mnist"].official)
 
 
 def test_count_mismatch_and_label_range_are_refused(data_dir):
@@ -104,7 +105,7 @@ def test_corrupt_gz_is_refused(tmp_path, contents):
 
 
 def test_missing_files_offline_name_them(tmp_path):
-    with pytest.raises(UserError, match="missing in .*t10k-labels-idx1-ubyte.*download failed") as err:
+    with pytest.raises(UserError, match="mnist files missing in .*t10k-labels-idx1-ubyte.*download failed") as err:
         ensure_raw_files(tmp_path / "empty")
     assert "train-images-idx3-ubyte" in str(err.value)
 
@@ -153,12 +154,36 @@ def test_normalize():
     assert x.shape == (1, 1, 2, 2) and x.dtype == torch.float32
     expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - MEAN) / STD
     assert torch.allclose(x[0, 0], expected)
+    assert torch.allclose(normalize(images.unsqueeze(1).float(), 0.5, 0.25)[0, 0], (expected * STD + MEAN - 0.5) / 0.25)
+
+
+def test_pixel_stats_are_exact():
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    pixels = images.double() / 255
+    mean, std = pixel_stats(images)
+    assert mean == pytest.approx(pixels.mean().item(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(unbiased=False).item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist"])
+def test_sister_datasets_use_their_own_folder_and_statistics(tmp_path, dataset):
+    data_dir = write_mnist(tmp_path / "data", dataset=dataset)
+    assert (raw_dir(data_dir, dataset).parent.name,) == (
+        {"fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}[dataset],
+    )
+    with pytest.raises(UserError, match="mnist files missing"):  # the MNIST folder is empty
+        ensure_raw_files(data_dir, "mnist")
+    module = MNISTDataModule(str(data_dir), dataset=dataset)
+    module.prepare_data()
+    module.setup()
+    assert (module.mean, module.std) == pixel_stats(load_split(raw_dir(data_dir, dataset), "train")[0])
+    assert module.mean != pytest.approx(MEAN)
+    assert len(module.classes) == 10 and module.classes != DATASETS["mnist"].classes
 
 
 @pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw").is_dir(), reason="the real MNIST files are not beside the repo")
 def test_normalisation_constants_match_real_training_images():
     images, labels = load_split(raw_dir(REAL_DATA), "train")  # also checks the official md5s
-    pixels = images.double().div(255)
     assert len(labels) == 60000
-    assert pixels.mean().item() == pytest.approx(MEAN, abs=1e-9)
-    assert pixels.std(unbiased=False).item() == pytest.approx(STD, abs=1e-9)
+    mean, std = pixel_stats(images)
+    assert mean == pytest.approx(MEAN, abs=1e-12) and std == pytest.approx(STD, abs=1e-12)

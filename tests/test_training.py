@@ -121,7 +121,7 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
         loader.sampler.set_epoch(epoch)
         for images, labels in loader:
             optimizer.zero_grad()
-            nll_loss(model.net(normalize(images)), labels).backward()
+            nll_loss(model.net(normalize(images, data.mean, data.std)), labels).backward()
             optimizer.step()
     expected = {f"net.{k}": v for k, v in model.net.state_dict().items()}
     assert same_tensors(expected, net_weights(run_dir / "checkpoints" / "last.ckpt"))
@@ -220,7 +220,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
 def test_missing_data_offline(tmp_path, capsys):
     assert run("--data-dir", tmp_path / "nothing", "--save-dir", tmp_path / "logs", "--quiet") == 2
     err = capsys.readouterr().err
-    assert "MNIST files missing" in err and "train-images-idx3-ubyte" in err and err.count("\n") == 1
+    assert "mnist files missing" in err and "train-images-idx3-ubyte" in err and err.count("\n") == 1
     assert not (tmp_path / "logs" / "initial").exists()
 
 

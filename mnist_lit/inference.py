@@ -1,0 +1,84 @@
+"""Using a trained model outside training: read a checkpoint safely, rebuild the model, classify pixels."""
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnist_lit.data import dataset_spec, normalize
+from mnist_lit.errors import UserError
+from mnist_lit.module import MNISTLitModule
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:  # the pickle names a function or class: loading it could run code
+            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
+        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "stage" not in hparams or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
+    return ckpt
+
+
+class Classifier(nn.Module):
+    """A trained net with its input normalisation inside.
+
+    Input: float32 pixels in 0..255, shape (N, 1, 28, 28), white digit on black as in MNIST.
+    Output: log-probabilities, shape (N, 10).
+    """
+
+    def __init__(self, net: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.net, self.mean, self.std = net, mean, std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(normalize(pixels, self.mean, self.std))
+
+
+@dataclass
+class Trained:
+    """What a checkpoint holds, ready to use."""
+
+    module: MNISTLitModule
+    classifier: Classifier
+    dataset: str
+    classes: tuple[str, ...]
+    ckpt: dict
+    path: Path
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the checkpoint was written in (``<run>/checkpoints/<name>.ckpt``)."""
+        return self.path.resolve().parent.parent
+
+
+def load_trained(path, dataset: str | None = None) -> Trained:
+    """Rebuild the model of a checkpoint in eval mode; ``dataset``, if given, must be the one it was trained on."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    hparams = ckpt["hyper_parameters"]
+    trained_on = hparams.get("dataset", "mnist")
+    if dataset is not None and dataset != trained_on:
+        raise UserError(f"{path} was trained on {trained_on}, not {dataset}")
+    module = MNISTLitModule(**hparams)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path}: its weights do not fit the {hparams.get('net')} architecture ({first})") from None
+    module.eval()
+    mean, std = module.pixel_stats.tolist()
+    classifier = Classifier(module.net, mean, std).eval()
+    return Trained(module, classifier, trained_on, dataset_spec(trained_on).classes, ckpt, path)
