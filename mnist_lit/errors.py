@@ -1,5 +1,18 @@
 """The one exception type for mistakes a user can fix (bad files, bad options, bad checkpoints)."""
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """Raised with a message meant for the user; scripts print it as one line and exit with code 2."""
+
+
+def exit_code(body: Callable[[], object]) -> int:
+    """Run a script's body: a UserError becomes one 'error: ...' line on stderr and exit code 2, else 0."""
+    try:
+        body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from mnist_lit.data import DATASETS, MNISTDataModule, ensure_raw_files
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, exit_code
 from mnist_lit.inference import load_checkpoint
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
@@ -374,9 +374,4 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
 def main(argv: list[str] | None = None) -> int:
     """The command line of scripts/train.py: errors meant for the user become one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        train(parse_args(argv), command=shlex.join(["python", "scripts/train.py", *argv]))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: train(parse_args(argv), command=shlex.join(["python", "scripts/train.py", *argv])))

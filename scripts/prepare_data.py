@@ -3,23 +3,23 @@
 import argparse
 import sys
 
-from mnist_lit.data import FILES, ensure_raw_files, load_split
-from mnist_lit.errors import UserError
+from mnist_lit.data import DATASETS, FILES, ensure_raw_files, load_split
+from mnist_lit.errors import exit_code
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="data", help="folder that holds (or will hold) MNIST/raw/")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     args = parser.parse_args()
-    try:
-        raw = ensure_raw_files(args.data_dir)
-        for split in FILES:
-            images, labels = load_split(raw, split)  # full checks: structure, counts, labels, official md5s
-            print(f"{split}: {len(labels)} images of {images.shape[1]}x{images.shape[2]} in {raw}, checked")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: check(args.data_dir, args.dataset))
+
+
+def check(data_dir: str, dataset: str) -> None:
+    raw = ensure_raw_files(data_dir, dataset)
+    for split in FILES:
+        images, labels = load_split(raw, split, dataset)  # full checks: structure, counts, labels, official md5s
+        print(f"{split}: {len(labels)} images of {images.shape[1]}x{images.shape[2]} in {raw}, checked")
 
 
 if __name__ == "__main__":
