@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can fix (bad files, bad options, bad checkpoints)."""
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -16,3 +17,10 @@ def exit_code(body: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a wrong option is a UserError (one line) instead of a usage dump."""
+
+    def error(self, message):
+        raise UserError(message)

@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from mnist_lit.data import DATASETS, MNISTDataModule, ensure_raw_files
-from mnist_lit.errors import UserError, exit_code
+from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.inference import load_checkpoint
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
@@ -52,13 +52,8 @@ FULL_STAGE = {"lr": 1e-4, "milestones": []}
 EPOCHS_PER_STAGE = 20
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of argparse's usage dump
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="train.py",
         description="Train the MNIST CNN: '--stage initial', then '--stage full --ckpt last.ckpt'.",
     )

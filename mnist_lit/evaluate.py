@@ -1,0 +1,224 @@
+"""Where does a trained model fail? Accuracy, per-class accuracy, confusion matrix, worst mistakes, curves.
+
+``python scripts/evaluate.py --ckpt PATH [--split test|val] [--data-dir DIR] [--out DIR]`` writes
+metrics.json, confusion_matrix.png, misclassified.png and curves.png, logs the numbers and pictures to the
+checkpoint's run in TensorBoard, and prints a table.
+"""
+
+import bisect
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
+
+from mnist_lit.data import DATASETS, NUM_CLASSES, MNISTDataModule, ensure_raw_files  # noqa: E402
+from mnist_lit.errors import ArgumentParser, UserError, exit_code  # noqa: E402
+from mnist_lit.inference import Trained, load_trained  # noqa: E402
+
+
+def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of ``split``; 'val' is the checkpoint's own initial-stage validation split."""
+    data = trained.ckpt.get("datamodule_hyper_parameters", {})
+    ensure_raw_files(data_dir, trained.dataset)
+    datamodule = MNISTDataModule(
+        str(data_dir), trained.dataset, "initial", data.get("val_fraction", 0.1), data.get("seed", 0)
+    )
+    datamodule.setup()
+    return datamodule.val_set if split == "val" else datamodule.test_set
+
+
+@torch.no_grad()
+def classify(trained: Trained, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Log-probabilities of uint8 images (N x 28 x 28) under the trained classifier."""
+    return torch.cat([trained.classifier(batch) for batch in images.split(batch_size)])
+
+
+def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+    per_class = MulticlassAccuracy(NUM_CLASSES, average=None)(log_probs, labels)
+    confusion = MulticlassConfusionMatrix(NUM_CLASSES)(log_probs, labels)
+    counts = confusion.sum(dim=1)
+    correct = int(confusion.diag().sum())
+    return {
+        "count": len(labels),
+        "correct": correct,
+        "accuracy": correct / len(labels),
+        "loss": torch.nn.functional.nll_loss(log_probs, labels).item(),
+        "per_class": {
+            name: {"count": int(counts[i]), "correct": int(confusion[i, i]), "accuracy": per_class[i].item()}
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def confusion_figure(metrics: dict, classes: tuple[str, ...], title: str) -> plt.Figure:
+    matrix = torch.tensor(metrics["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    # Log colour scale: the diagonal holds ~1000 per cell, the mistakes a handful.
+    image = ax.imshow(matrix.clamp(min=0.5).numpy(), cmap="Blues", norm=matplotlib.colors.LogNorm())
+    for row in range(len(classes)):
+        for col in range(len(classes)):
+            if matrix[row, col]:
+                color = "white" if row == col else "black"
+                ax.text(col, row, int(matrix[row, col]), ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(images, labels, log_probs, classes, title: str, limit: int = 36) -> plt.Figure:
+    """A grid of the most confidently wrong images: true / predicted label and the predicted probability."""
+    probs, predicted = log_probs.exp().max(dim=1)
+    wrong = (predicted != labels).nonzero().flatten()
+    worst = wrong[probs[wrong].argsort(descending=True)][:limit].tolist()
+    cols = 6
+    rows = max(1, -(-len(worst) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        ax.imshow(images[i].numpy(), cmap="gray_r")
+        ax.set_title(f"true {classes[labels[i]]}\npred {classes[predicted[i]]} {probs[i]:.2f}", fontsize=8)
+    fig.suptitle(f"{title}: {len(wrong)} wrong, most confident first" if worst else f"{title}: none wrong")
+    fig.tight_layout()
+    return fig
+
+
+def run_chain(run_dir: Path) -> list[Path]:
+    """The run and the runs it started from (via results.json's ckpt_from), oldest first."""
+    chain = [run_dir]
+    while len(chain) < 20 and (chain[-1] / "results.json").is_file():
+        origin = json.loads((chain[-1] / "results.json").read_text()).get("ckpt_from")
+        if not origin or not Path(origin).is_file():
+            break
+        chain.append(Path(origin).resolve().parent.parent)
+    return chain[::-1]
+
+
+def read_scalars(run_dirs: list[Path]) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from the runs' TensorBoard events; a later run wins where steps overlap."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, dict[int, float]] = {}
+    for run_dir in run_dirs:
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return scalars
+
+
+def curves_figure(run_dirs: list[Path]) -> plt.Figure:
+    """Loss, accuracy and learning rate per (1-based) epoch, all stages on one axis."""
+    scalars = read_scalars(run_dirs)
+    if "train/loss" not in scalars or "epoch" not in scalars:
+        raise UserError(f"no training curves in {run_dirs[-1]} (no TensorBoard events)")
+    # Each training epoch ends at the step where train/loss is logged, with Lightning's 0-based "epoch" beside
+    # it; the first epoch end at or after a step names that step's epoch (lr is logged at its epoch's start).
+    ends = sorted((step, scalars["epoch"][step]) for step in scalars["train/loss"] if step in scalars["epoch"])
+    end_steps = [step for step, _ in ends]
+
+    def epoch_of(step: int) -> int:
+        return int(ends[min(bisect.bisect_left(end_steps, step), len(ends) - 1)][1]) + 1
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("loss", axes[0], "linear"), ("acc", axes[1], "linear"), ("lr", axes[2], "log")]
+    for name, ax, scale in panels:
+        tags = [tag for tag in ("train/" + name, "val/" + name, "test/" + name, name) if tag in scalars]
+        for tag in tags:
+            points = sorted({epoch_of(step): value for step, value in scalars[tag].items()}.items())
+            ax.plot(*zip(*points), marker=".", label=tag)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+        if tags:
+            ax.legend(fontsize=8)
+    lowest_acc = min(v for split in ("train", "val", "test") for v in scalars.get(f"{split}/acc", {}).values())
+    axes[1].set_ylim(max(0.0, lowest_acc - 0.01), 1)
+    fig.suptitle(" + ".join(f"{p.parent.name}/{p.name}" for p in run_dirs))
+    fig.tight_layout()
+    return fig
+
+
+def new_out_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3`` ...: an earlier evaluation is never overwritten."""
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+def format_table(metrics: dict, title: str) -> str:
+    lines = [title, f"{'class':>12s} {'count':>6s} {'correct':>7s} {'acc %':>7s}"]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:>12s} {row['count']:6d} {row['correct']:7d} {100 * row['accuracy']:7.2f}")
+    lines.append(f"{'all':>12s} {metrics['count']:6d} {metrics['correct']:7d} {100 * metrics['accuracy']:7.2f}")
+    lines.append(f"mean loss {metrics['loss']:.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str | None) -> Path:
+    trained = load_trained(ckpt, dataset)
+    images, labels = split_data(trained, data_dir, split)
+    log_probs = classify(trained, images)
+    metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
+    metrics.update(compute_metrics(log_probs, labels, trained.classes))
+    title = f"{trained.dataset} {split}, {trained.path.parent.parent.name}/{trained.path.name}"
+    out_dir = new_out_dir(Path(out) if out else trained.run_dir / "evaluation" / f"{trained.path.stem}-{split}")
+
+    figures = {
+        "confusion_matrix": confusion_figure(metrics, trained.classes, title),
+        "misclassified": misclassified_figure(images, labels, log_probs, trained.classes, title),
+    }
+    if list(trained.run_dir.glob("events.out.tfevents.*")):
+        figures["curves"] = curves_figure(run_chain(trained.run_dir))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for name, fig in figures.items():
+        fig.savefig(out_dir / f"{name}.png", dpi=110)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = trained.ckpt.get("global_step", 0)
+    with SummaryWriter(str(trained.run_dir)) as writer:  # adds an events file; earlier ones stay as they are
+        writer.add_scalar(f"eval_{split}/acc", metrics["accuracy"], step)
+        writer.add_scalar(f"eval_{split}/loss", metrics["loss"], step)
+        for name, row in metrics["per_class"].items():
+            writer.add_scalar(f"eval_{split}/acc_per_class/{name}", row["accuracy"], step)
+        for name, fig in figures.items():
+            if name != "curves":
+                writer.add_figure(f"eval_{split}/{name}", fig, step)
+    plt.close("all")
+    print(format_table(metrics, title))
+    print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir()))} to {out_dir}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
+    parser.add_argument("--data-dir", default="data", help="folder that holds the dataset's raw/ files")
+    parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoint's (default: its own)")
+    parser.add_argument("--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>)")
+
+    def body():
+        args = parser.parse_args(argv)
+        evaluate(args.ckpt, args.split, args.data_dir, args.out, args.dataset)
+
+    return exit_code(body)

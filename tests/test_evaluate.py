@@ -1,0 +1,64 @@
+"""mnist_lit.evaluate and scripts/evaluate.py: metrics, pictures, TensorBoard, curves, errors."""
+
+import json
+
+import pytest
+import torch
+
+from mnist_lit.evaluate import compute_metrics, main, read_scalars
+
+
+def test_compute_metrics_counts_and_confusion():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 2, 2, 0])
+    log_probs = torch.nn.functional.one_hot(predicted, 10).float().add(1e-3).log()
+    metrics = compute_metrics(log_probs, labels, tuple("0123456789"))
+    assert (metrics["count"], metrics["correct"]) == (6, 4)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["per_class"]["2"] == {"count": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}
+    assert metrics["confusion_matrix"][0][:3] == [1, 1, 0] and metrics["confusion_matrix"][2][:3] == [1, 0, 2]
+
+
+def test_evaluate_end_to_end(trained_ckpt, shared_data_dir, capsys):
+    run_dir = trained_ckpt.parent.parent
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir), "--split", "val"]) == 0
+    out = run_dir / "evaluation" / "last-val"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png",
+        "curves.png",
+        "metrics.json",
+        "misclassified.png",
+    ]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The run's own validation result, recomputed from the checkpoint outside Lightning: the same figure.
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (metrics["correct"], metrics["count"]) == (results["correct"], results["count"]) == (metrics["correct"], 32)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 32
+    assert sum(row["count"] for row in metrics["per_class"].values()) == 32
+    printed = capsys.readouterr().out
+    assert f"{'all':>12s} {32:6d} {metrics['correct']:7d}" in printed
+    assert "eval_val/acc" in read_scalars([run_dir])  # logged to the run's TensorBoard
+
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir)]) == 0
+    test_metrics = json.loads((run_dir / "evaluation" / "last-test" / "metrics.json").read_text())
+    assert test_metrics["count"] == 120 and test_metrics["split"] == "test"
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir)]) == 0
+    assert (run_dir / "evaluation" / "last-test-2" / "metrics.json").is_file()  # the first one is kept
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "fashion_mnist"], "was trained on mnist, not fashion_mnist"),
+        (["--split", "train"], "invalid choice"),
+    ],
+)
+def test_evaluate_errors(trained_ckpt, shared_data_dir, capsys, argv, message):
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_evaluate_missing_checkpoint(tmp_path, capsys):
+    assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
