@@ -221,24 +221,34 @@ class EpochSampler:
 
 
 class InMemoryLoader:
-    """Batches of (uint8 images, int64 labels) indexed out of in-memory tensors; the last partial batch is kept."""
+    """Batches of (uint8 images, int64 labels) indexed out of in-memory tensors; the last partial batch is kept.
+
+    With several processes (DDP), each global batch of ``batch_size`` is split between the ranks: every rank
+    takes the same number of steps, every sample is used exactly once per epoch, and the averaged gradients
+    are those of one process with the same batch size.
+    """
 
     batch_sampler = None  # Lightning reads `sampler` and `batch_sampler` as on a torch DataLoader
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(self, images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size=1):
         self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(labels), shuffle, seed)
 
+    def _global_batches(self) -> list[torch.Tensor]:
+        batches = list(self.sampler.indices().split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < self.world_size:  # too few to give every rank a sample
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
+
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        n, remainder = divmod(len(self.labels), self.batch_size)
+        return n + (remainder >= self.world_size or (remainder > 0 and n == 0))
 
     def __iter__(self):
-        if not self.sampler.shuffle:  # plain slices: views, no copy
-            for start in range(0, len(self.labels), self.batch_size):
-                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-            return
-        for idx in self.sampler.indices().split(self.batch_size):
-            yield self.images[idx], self.labels[idx]
+        for batch in self._global_batches():
+            mine = batch.tensor_split(self.world_size)[self.rank]
+            yield self.images[mine], self.labels[mine]
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -291,14 +301,18 @@ class MNISTDataModule(pl.LightningDataModule):
         else:
             self.train_set, self.val_set = (train_images, train_labels), self.test_set
 
+    def _loader(self, data, batch_size: int, shuffle: bool) -> InMemoryLoader:
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return InMemoryLoader(*data, batch_size, shuffle, self.hparams.seed, rank, world_size)
+
     def train_dataloader(self) -> InMemoryLoader:
-        return InMemoryLoader(*self.train_set, self.hparams.batch_size, shuffle=True, seed=self.hparams.seed)
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> InMemoryLoader:
-        return InMemoryLoader(*self.val_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> InMemoryLoader:
-        return InMemoryLoader(*self.test_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

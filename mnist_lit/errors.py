@@ -10,13 +10,14 @@ class UserError(Exception):
 
 
 def exit_code(body: Callable[[], object]) -> int:
-    """Run a script's body: a UserError becomes one 'error: ...' line on stderr and exit code 2, else 0."""
+    """Run a script's body: a UserError becomes one 'error: ...' line on stderr and exit code 2; otherwise the
+    body's own code if it returns an int, else 0."""
     try:
-        body()
+        result = body()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

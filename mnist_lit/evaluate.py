@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mnist_lit.data import DATASETS, NUM_CLASSES, MNISTDataModule, ensure_raw_files  # noqa: E402
 from mnist_lit.errors import ArgumentParser, UserError, exit_code  # noqa: E402
-from mnist_lit.inference import Trained, load_trained  # noqa: E402
+from mnist_lit.inference import Trained, classify, load_trained  # noqa: E402
 
 
 def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,12 +30,6 @@ def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, to
     )
     datamodule.setup()
     return datamodule.val_set if split == "val" else datamodule.test_set
-
-
-@torch.no_grad()
-def classify(trained: Trained, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Log-probabilities of uint8 images (N x 28 x 28) under the trained classifier."""
-    return torch.cat([trained.classifier(batch) for batch in images.split(batch_size)])
 
 
 def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
@@ -176,7 +170,7 @@ def format_table(metrics: dict, title: str) -> str:
 def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str | None) -> Path:
     trained = load_trained(ckpt, dataset)
     images, labels = split_data(trained, data_dir, split)
-    log_probs = classify(trained, images)
+    log_probs = classify(trained.classifier, images)
     metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
     metrics.update(compute_metrics(log_probs, labels, trained.classes))
     title = f"{trained.dataset} {split}, {trained.path.parent.parent.name}/{trained.path.name}"

@@ -75,10 +75,17 @@ def load_trained(path, dataset: str | None = None) -> Trained:
     module = MNISTLitModule(**hparams)
     try:
         module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path}: its weights do not fit the {hparams.get('net')} architecture ({first})") from None
+    except RuntimeError as err:  # name the missing / unexpected weights: the first line alone says nothing
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[1:])[:300]
+        raise UserError(f"{path}: its weights do not fit the {hparams.get('net')} architecture: {detail}") from None
     module.eval()
     mean, std = module.pixel_stats.tolist()
     classifier = Classifier(module.net, mean, std).eval()
     return Trained(module, classifier, trained_on, dataset_spec(trained_on).classes, ckpt, path)
+
+
+@torch.no_grad()
+def classify(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Log-probabilities of pixel images (N x 28 x 28, any dtype, 0..255) from ``model`` (a Classifier, or any
+    callable with its contract, e.g. an exported model), fed as float32 N x 1 x 28 x 28 in batches."""
+    return torch.cat([model(batch.reshape(-1, 1, *batch.shape[-2:]).float()) for batch in images.split(batch_size)])

@@ -22,7 +22,7 @@ class SplitMetrics(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.acc = MulticlassAccuracy(num_classes, average="micro")
-        self.loss = MeanMetric()
+        self.loss = MeanMetric(nan_strategy="disable")  # a NaN loss shows as NaN, never silently dropped
         self.count = SumMetric()
 
     def update(self, log_probs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:
@@ -71,6 +71,7 @@ class MNISTLitModule(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
         self.eval_split = "val" if stage == "initial" else "test"
+        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self.last_eval: dict[str, torch.Tensor] = {}
         self.epoch_lr = lr
 
@@ -95,7 +96,11 @@ class MNISTLitModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        # Remember the first step whose loss is NaN/inf, on the device (no host sync per step); checked at the
+        # end of the epoch, before that epoch's checkpoints would be written.
+        self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step < 0), self.global_step)
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.eval_split)
@@ -123,6 +128,14 @@ class MNISTLitModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         train = self._log_epoch("train")
+        if self.first_bad_step >= 0:
+            raise UserError(
+                f"training diverged: the loss is not finite from epoch {self.current_epoch + 1}, global step "
+                f"{int(self.first_bad_step)}; stopped before saving, the last good checkpoint is the previous "
+                "epoch's last.ckpt"
+            )
+        if not self.trainer.is_global_zero:
+            return
         log.info(
             "epoch %d lr %g train loss %.4f %s",
             self.current_epoch + 1,

@@ -142,18 +142,20 @@ def new_run_dir(save_dir, stage: str) -> Path:
 
 
 def resolve_ckpt(name: str, save_dir) -> Path:
-    """A path that exists as given, or a bare file name looked up in the newest initial-stage run holding it."""
+    """A path that exists as given, or a bare file name: that checkpoint of the newest initial-stage run."""
     path = Path(name)
     if path.is_file():
         return path
-    if path.name == name:
-        for run in run_dirs(save_dir, "initial"):
-            candidate = run / "checkpoints" / name
-            if candidate.is_file():
-                print(f"--ckpt {name} -> {candidate}")
-                return candidate
-        raise UserError(f"checkpoint {name} not found: no such file, and no run under {save_dir}/initial holds it")
-    raise UserError(f"checkpoint not found: {name}")
+    if path.name != name:
+        raise UserError(f"checkpoint not found: {name}")
+    runs = run_dirs(save_dir, "initial")
+    if not runs:
+        raise UserError(f"checkpoint {name} not found: no such file, and no run under {Path(save_dir) / 'initial'}")
+    candidate = runs[0] / "checkpoints" / name
+    if not candidate.is_file():  # never fall back to an older run: that would silently train from the wrong one
+        raise UserError(f"checkpoint {name} not found: the newest initial run {runs[0]} has none; give its path")
+    print(f"--ckpt {name} -> {candidate}")
+    return candidate
 
 
 def snapshot_code(run_dir: Path) -> None:
@@ -165,13 +167,15 @@ def snapshot_code(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_logging(run_dir: Path, quiet: bool):
+def run_logging(run_dir: Path | None, quiet: bool):
     """Epoch lines go to the console and to run_dir/log.txt; --quiet also silences Lightning's banners."""
-    handlers = [logging.FileHandler(run_dir / "log.txt"), logging.StreamHandler(sys.stdout)]
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if run_dir is not None else logging.WARNING)  # other ranks: only warnings
     log.propagate = False
     lightning_log = logging.getLogger("pytorch_lightning")
     old_level = lightning_log.level
@@ -186,6 +190,8 @@ def run_logging(run_dir: Path, quiet: bool):
             warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
             # We log once per epoch, never per step, so the per-step logging interval does not matter.
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            # Our epoch values come from torchmetrics, which already syncs them across processes.
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             # Raised inside Lightning 2.6 itself against newer torch; nothing for our users to act on.
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
             yield
@@ -236,9 +242,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp.replace(path)
 
 
-def build_trainer(args: argparse.Namespace, run_dir: Path, epochs: int, fresh_optimizer: bool) -> pl.Trainer:
-    stage, version = run_dir.parent.name, int(run_dir.name[8:])
-    checkpoints = run_dir / "checkpoints"
+def build_trainer(args: argparse.Namespace, run_dir: Path | None, epochs: int, fresh_optimizer: bool) -> pl.Trainer:
+    """The Trainer of a run; ``run_dir`` is None in the other ranks' processes (rank 0 owns the directory)."""
+    version = int(run_dir.name[8:]) if run_dir else None
+    checkpoints = run_dir / "checkpoints" if run_dir else None  # Lightning broadcasts rank 0's to the others
     callbacks = [
         NumberedCheckpoint(checkpoints, every_n_epochs=args.save_freq),
         # Lightning writes last.ckpt only together with a top-k save, so a second, every-epoch callback does it.
@@ -262,7 +269,7 @@ def build_trainer(args: argparse.Namespace, run_dir: Path, epochs: int, fresh_op
         strategy=args.strategy,
         num_nodes=args.num_nodes,
         max_epochs=epochs,  # Lightning counts from the checkpoint's epoch, so this is the last epoch's number
-        logger=TensorBoardLogger(args.save_dir, name=stage, version=version, default_hp_metric=False),
+        logger=TensorBoardLogger(args.save_dir, name=args.stage, version=version, default_hp_metric=False),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
@@ -301,8 +308,13 @@ def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -
     return settings, epochs
 
 
+def launched_as_rank_zero() -> bool:
+    """False in the processes a launcher starts for the other ranks (Lightning's DDP, torchrun, SLURM)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def train(args: argparse.Namespace, command: str = "") -> dict:
-    """Run one stage as the options say; returns the results also written to run_dir/results.json."""
+    """Run one stage as the options say; returns the results (rank 0 also writes them to results.json)."""
     ckpt_path = ckpt = None
     if args.ckpt:
         ckpt_path = resolve_ckpt(args.ckpt, args.save_dir)
@@ -315,10 +327,13 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     resume = ckpt_stage == args.stage
     settings, epochs = choose_settings(args, ckpt, resume)
 
-    ensure_raw_files(args.data_dir, settings["dataset"])  # fail on missing data before a run directory is made
-    run_dir = new_run_dir(args.save_dir, args.stage)
-    (run_dir / "command.txt").write_text(command + "\n")
-    snapshot_code(run_dir)
+    # Only rank 0 makes the run directory; Lightning broadcasts its checkpoint folder to the other ranks.
+    run_dir = None
+    if launched_as_rank_zero():
+        ensure_raw_files(args.data_dir, settings["dataset"])  # fail on missing data before a run dir is made
+        run_dir = new_run_dir(args.save_dir, args.stage)
+        (run_dir / "command.txt").write_text(command + "\n")
+        snapshot_code(run_dir)
     start = time.perf_counter()
     with run_logging(run_dir, args.quiet):
         how = "resuming" if resume else "from" if ckpt else "new run"
@@ -347,8 +362,8 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         if args.stage == "full":
             trainer.test(model, datamodule=datamodule, verbose=False)
         result = model.last_eval
-        summary = format_eval(model.eval_split, result)
         wall = time.perf_counter() - start
+        summary = format_eval(model.eval_split, result)
         log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
     results = {
         "stage": args.stage,
@@ -360,9 +375,11 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         "count": int(result["count"]),
         "acc": float(result["acc"]),
         "loss": float(result["loss"]),
+        "processes": trainer.world_size,
         "wall_s": round(wall, 1),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if run_dir is not None:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -1,18 +1,21 @@
 """Get and check the MNIST files: `python scripts/prepare_data.py --data-dir DIR` (downloads what is missing)."""
 
-import argparse
 import sys
 
 from mnist_lit.data import DATASETS, FILES, ensure_raw_files, load_split
-from mnist_lit.errors import exit_code
+from mnist_lit.errors import ArgumentParser, exit_code
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(prog="prepare_data.py", description=__doc__)
     parser.add_argument("--data-dir", default="data", help="folder that holds (or will hold) MNIST/raw/")
     parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
-    args = parser.parse_args()
-    return exit_code(lambda: check(args.data_dir, args.dataset))
+
+    def body():
+        args = parser.parse_args()
+        check(args.data_dir, args.dataset)
+
+    return exit_code(body)
 
 
 def check(data_dir: str, dataset: str) -> None:

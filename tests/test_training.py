@@ -143,15 +143,19 @@ def test_resume_of_an_interrupted_run_gives_the_same_weights(initial_run, tmp_pa
 
 
 def test_resolve_ckpt(tmp_path):
-    for version, has_last in ((0, True), (1, True), (2, False)):
+    with pytest.raises(UserError, match="no such file, and no run under"):
+        resolve_ckpt("last.ckpt", tmp_path)
+    for version in (0, 1):
         (tmp_path / "initial" / f"version_{version}" / "checkpoints").mkdir(parents=True)
-        if has_last:
-            (tmp_path / "initial" / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    expected = tmp_path / "initial" / "version_1" / "checkpoints" / "last.ckpt"
-    assert resolve_ckpt("last.ckpt", tmp_path) == expected  # newest run that holds it
-    assert resolve_ckpt(str(expected), tmp_path) == expected  # a path is taken as it is
-    with pytest.raises(UserError, match="020.ckpt not found"):
+        (tmp_path / "initial" / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    newest = tmp_path / "initial" / "version_1" / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt("last.ckpt", tmp_path) == newest
+    assert resolve_ckpt(str(newest.parents[2] / "version_0" / "checkpoints" / "last.ckpt"), tmp_path).is_file()
+    with pytest.raises(UserError, match="020.ckpt not found: the newest initial run .*version_1 has none"):
         resolve_ckpt("020.ckpt", tmp_path)
+    (tmp_path / "initial" / "version_2").mkdir()  # a run killed before its first checkpoint
+    with pytest.raises(UserError, match="version_2 has none"):
+        resolve_ckpt("last.ckpt", tmp_path)
     with pytest.raises(UserError, match="not found"):
         resolve_ckpt(str(tmp_path / "nowhere" / "last.ckpt"), tmp_path)
 

@@ -1,0 +1,186 @@
+"""Export a checkpoint's classifier (normalisation inside) to ONNX or TorchScript, with its input contract.
+
+Every export is checked against the checkpoint on the whole test set of its dataset before it is kept:
+it is written as ``FILE.part`` and only renamed to ``FILE`` (with the contract in ``FILE.json``) if all
+predictions agree and the outputs differ by at most ``MAX_ABS_DIFF``.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mnist_lit.data import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
+from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.inference import Classifier, Trained, classify, load_trained
+
+INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
+CONTRACT_KEY = "mnist_lit.contract"  # ONNX metadata_props key, and the name of the file inside a TorchScript archive
+MAX_ABS_DIFF = 1e-4
+BATCH_SIZE = 1000
+
+Run = Callable[[torch.Tensor], torch.Tensor]  # float pixels (N, 1, 28, 28) -> log-probabilities (N, 10)
+
+
+def contract_path(out: Path) -> Path:
+    """Where the contract of the export ``out`` is written: ``out`` + ``.json``."""
+    return out.with_name(out.name + ".json")
+
+
+def build_contract(trained: Trained, export_format: str) -> dict:
+    """What a user of the exported file must know: input, output, classes, where it came from."""
+    folder = dataset_spec(trained.dataset).folder
+    return {
+        "format": export_format,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
+            "dtype": "float32",
+            "range": [0, 255],
+            "content": f"grey levels as in the {folder} files: white (255) figure on black (0) background, "
+            "28x28; MNIST digits are size-normalised and centred by their centre of mass",
+            "normalisation": {
+                "inside": True,
+                "mean": trained.classifier.mean,
+                "std": trained.classifier.std,
+                "formula": "(pixels / 255 - mean) / std",
+            },
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", NUM_CLASSES],
+            "dtype": "float32",
+            "content": "log-probabilities: exp() gives the class probabilities, argmax the predicted class",
+        },
+        "classes": list(trained.classes),
+        "dataset": trained.dataset,
+        "net": trained.ckpt["hyper_parameters"].get("net"),
+        "checkpoint": str(trained.path.resolve()),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_torchscript():
+    # torch 2.14 warns that torch.jit is deprecated (FutureWarning) on every trace/save/load; the format is
+    # still what was asked for, and the help of --format says it is deprecated.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        yield
+
+
+def _example_input() -> torch.Tensor:
+    # Batch 2, not 1: a tracer may treat a size-1 dimension as a constant.
+    return torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def save_onnx(classifier: Classifier, path: Path, contract_text: str) -> None:
+    # torch.export-based exporter (dynamo=True), torch 2.14's default: the TorchScript-based one is deprecated.
+    # It puts the weights in a side file PATH.data unless external_data=False; the model is small, so one file.
+    program = torch.onnx.export(
+        classifier,
+        (_example_input(),),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        verbose=False,
+    )
+    program.model.metadata_props[CONTRACT_KEY] = contract_text
+    program.save(path, external_data=False)
+
+
+def load_onnx(path: Path) -> Run:
+    import onnxruntime  # imported only when needed: the TorchScript path does not use it
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda pixels: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
+
+
+def save_torchscript(classifier: Classifier, path: Path, contract_text: str) -> None:
+    with _quiet_torchscript(), torch.no_grad():
+        traced = torch.jit.trace(classifier, _example_input())
+        traced.save(str(path), _extra_files={CONTRACT_KEY: contract_text})
+
+
+def load_torchscript(path: Path) -> Run:
+    with _quiet_torchscript():
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+FORMATS: dict[str, tuple[Callable[[Classifier, Path, str], None], Callable[[Path], Run]]] = {
+    "onnx": (save_onnx, load_onnx),
+    "torchscript": (save_torchscript, load_torchscript),
+}
+
+
+def compare(reference: torch.Tensor, exported: torch.Tensor) -> tuple[int, float]:
+    """Number of rows whose argmax differs, and the largest absolute difference of the outputs."""
+    differing = int((reference.argmax(1) != exported.argmax(1)).sum())
+    return differing, float((reference - exported).abs().max())
+
+
+def export(args: argparse.Namespace) -> dict:
+    """Export, verify on the test set, then keep the file and its contract; returns the figures."""
+    out = Path(args.out)
+    existing = [path for path in (out, contract_path(out)) if path.exists()]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists; pass --force to replace it")
+    trained = load_trained(args.ckpt, args.dataset)
+    ensure_raw_files(args.data_dir, trained.dataset)
+    images, labels = load_split(raw_dir(args.data_dir, trained.dataset), "test", trained.dataset)
+    contract = build_contract(trained, args.format)
+    contract_text = json.dumps(contract, indent=2) + "\n"
+    save, load = FORMATS[args.format]
+    partial = out.with_name(out.name + ".part")
+    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save(trained.classifier, partial, contract_text)
+        except OSError as err:
+            raise UserError(f"cannot write {partial}: {err.strerror or err}") from None
+        reference = classify(trained.classifier, images, BATCH_SIZE)
+        exported = classify(load(partial), images, BATCH_SIZE)
+        differing, max_abs_diff = compare(reference, exported)
+        correct = int((exported.argmax(1) == labels).sum())
+        print(
+            f"checked on {len(labels)} {trained.dataset} test images: {differing} predictions differ, "
+            f"max abs diff {max_abs_diff:.2e} (allowed {MAX_ABS_DIFF:.0e}); export accuracy "
+            f"{correct}/{len(labels)} ({100 * correct / len(labels):.2f}%)"
+        )
+        if differing or not max_abs_diff <= MAX_ABS_DIFF:  # written so that a NaN fails too
+            raise UserError(
+                f"the {args.format} export does not match the checkpoint ({differing} predictions differ, "
+                f"max abs diff {max_abs_diff:.2e}); it was deleted, {out} not written"
+            )
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    contract_path(out).write_text(contract_text)
+    print(f"wrote {out} ({args.format}, {out.stat().st_size / 1e6:.1f} MB) and its contract {contract_path(out)}")
+    return {"out": str(out), "images": len(labels), "differing": differing, "max_abs_diff": max_abs_diff}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="export.py",
+        description="Export a checkpoint to ONNX or TorchScript, checked against it on the full test set.",
+    )
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="the checkpoint to export")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")
+    p.add_argument("--data-dir", default="data", help="holds <dataset>/raw/ with the test files (default: data)")
+    p.add_argument("--dataset", choices=list(DATASETS), help="fail unless the checkpoint was trained on this")
+    p.add_argument("--force", action="store_true", help="replace FILE and FILE.json if they exist")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line of scripts/export.py: errors meant for the user become one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    return exit_code(lambda: export(build_parser().parse_args(argv)))

@@ -1,0 +1,170 @@
+"""mnist_lit.export and scripts/export.py: both formats end to end on the tiny checkpoint, contract, refusals."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+import mnist_lit.export
+from mnist_lit.data import load_split, raw_dir
+from mnist_lit.export import CONTRACT_KEY, main
+from mnist_lit.inference import load_trained
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED = re.compile(r"checked on (\d+) mnist test images: (\d+) predictions differ, max abs diff (\S+) ")
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def run_quietly(*argv) -> tuple[int, str]:
+    """Exit code and stdout of one export."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run(*argv)
+    return code, printed.getvalue()
+
+
+def error_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module", params=["onnx", "torchscript"])
+def exported(request, trained_ckpt, shared_data_dir, tmp_path_factory):
+    """One export per format, made once: (format, path, what it printed)."""
+    out = tmp_path_factory.mktemp("export") / f"model.{request.param}"
+    code, printed = run_quietly(
+        "--ckpt", trained_ckpt, "--format", request.param, "--out", out, "--data-dir", shared_data_dir
+    )
+    assert code == 0, printed
+    return request.param, out, printed
+
+
+def test_export_is_checked_on_the_whole_test_set(exported):
+    _, out, printed = exported
+    images, differing, max_abs_diff = CHECKED.search(printed).groups()
+    assert (int(images), int(differing)) == (120, 0)
+    assert float(max_abs_diff) <= 1e-4
+    assert f"wrote {out}" in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, f"{out.name}.json"]  # no .part, no .data
+
+
+def test_contract_file_says_how_to_use_the_export(exported, trained_ckpt):
+    export_format, out, _ = exported
+    contract = json.loads(Path(f"{out}.json").read_text())
+    mean, std = load_trained(trained_ckpt).module.pixel_stats.tolist()
+    assert contract["format"] == export_format
+    assert contract["input"]["name"] == "pixels"
+    assert contract["input"]["shape"] == ["batch", 1, 28, 28]
+    assert (contract["input"]["dtype"], contract["input"]["range"]) == ("float32", [0, 255])
+    assert contract["input"]["normalisation"] == {
+        "inside": True,
+        "mean": mean,
+        "std": std,
+        "formula": "(pixels / 255 - mean) / std",
+    }
+    assert (contract["output"]["name"], contract["output"]["shape"]) == ("log_probs", ["batch", 10])
+    assert contract["classes"] == list("0123456789")
+    assert contract["dataset"] == "mnist"
+    assert contract["checkpoint"] == str(trained_ckpt.resolve())
+
+
+def test_contract_is_also_inside_the_model(exported):
+    export_format, out, _ = exported
+    if export_format == "onnx":
+        embedded = {p.key: p.value for p in onnx.load(str(out)).metadata_props}[CONTRACT_KEY]
+    else:
+        extra_files = {CONTRACT_KEY: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+            torch.jit.load(str(out), _extra_files=extra_files)
+        embedded = extra_files[CONTRACT_KEY].decode()  # torch.jit.load fills it with bytes
+    assert embedded == Path(f"{out}.json").read_text()
+
+
+def test_saved_model_runs_on_its_own_like_the_checkpoint(exported, trained_ckpt, shared_data_dir):
+    export_format, out, _ = exported
+    images, _ = load_split(raw_dir(shared_data_dir), "test")
+    pixels = images[:7].unsqueeze(1).float()  # 7: a batch size the export was not traced with
+    with torch.no_grad():
+        expected = load_trained(trained_ckpt).classifier(pixels)
+        if export_format == "onnx":
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            (name,) = [i.name for i in session.get_inputs()]
+            got = torch.from_numpy(session.run(None, {name: pixels.numpy()})[0])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                got = torch.jit.load(str(out))(pixels)
+    assert got.shape == (7, 10)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_existing_files_are_kept_unless_forced(trained_ckpt, shared_data_dir, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    common = ["--ckpt", trained_ckpt, "--format", "torchscript", "--data-dir", shared_data_dir]
+    out.write_text("precious")
+    assert run(*common, "--out", out) == 2
+    assert error_lines(capsys) == [f"error: {out} exists; pass --force to replace it"]
+    assert out.read_text() == "precious"
+    Path(f"{out}.json").write_text("{}")
+    assert run(*common, "--out", tmp_path / "other.pt") == 0  # only FILE and FILE.json count
+    capsys.readouterr()
+    out.unlink()
+    assert run(*common, "--out", out) == 2  # a contract alone is not overwritten either
+    assert error_lines(capsys) == [f"error: {out}.json exists; pass --force to replace it"]
+    out.write_text("precious")
+    assert run(*common, "--out", out, "--force") == 0
+    assert out.read_bytes() != b"precious"
+    assert json.loads(Path(f"{out}.json").read_text())["format"] == "torchscript"
+
+
+def test_export_that_does_not_match_is_deleted(trained_ckpt, shared_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mnist_lit.export, "MAX_ABS_DIFF", -1.0)  # no export can pass
+    out = tmp_path / "model.pt"
+    assert run("--ckpt", trained_ckpt, "--format", "torchscript", "--out", out, "--data-dir", shared_data_dir) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: the torchscript export does not match the checkpoint")
+    assert f"it was deleted, {out} not written" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_format_is_one_error_line(trained_ckpt, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "scripts" / "export.py",
+            "--ckpt",
+            trained_ckpt,
+            "--format",
+            "pickle",
+            "--out",
+            tmp_path / "m",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: argument --format: invalid choice: 'pickle'")  # Python's wording follows
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_mismatch_is_refused(trained_ckpt, shared_data_dir, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    argv = ["--ckpt", trained_ckpt, "--format", "onnx", "--out", out, "--data-dir", shared_data_dir]
+    assert run(*argv, "--dataset", "fashion_mnist") == 2
+    assert error_lines(capsys) == [f"error: {trained_ckpt} was trained on mnist, not fashion_mnist"]
+    assert not out.exists()

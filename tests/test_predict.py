@@ -1,0 +1,151 @@
+"""Predicting on image files: MNIST-style preprocessing of made-up images, and the command line end to end."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import digits
+from PIL import Image, ImageOps
+
+from mnist_lit.predict import CSV_COLUMNS, main, to_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def paper(height: int, width: int, strokes, ink: int = 0, background: int = 255) -> Image.Image:
+    """A grayscale image of ``background`` with ``ink`` in each (top, bottom, left, right) rectangle of strokes."""
+    pixels = np.full((height, width), background, dtype=np.uint8)
+    for top, bottom, left, right in strokes:
+        pixels[top:bottom, left:right] = ink
+    return Image.fromarray(pixels)
+
+
+def ink_size(digit: torch.Tensor) -> tuple[int, int]:
+    """Height and width of the bounding box of the non-zero pixels."""
+    ink = digit > 0
+    return int(ink.any(dim=1).sum()), int(ink.any(dim=0).sum())
+
+
+def centre_of_mass(digit: torch.Tensor) -> tuple[float, float]:
+    weights = digit.float()
+    positions = torch.arange(digit.shape[0], dtype=torch.float32)
+    return float((weights.sum(1) * positions).sum() / weights.sum()), float(
+        (weights.sum(0) * positions).sum() / weights.sum()
+    )
+
+
+SEVEN = [(10, 16, 10, 50), (16, 70, 40, 48)]  # a crude 7: a bar and a stem, on a 80 x 60 page
+
+
+def test_dark_digit_on_light_paper_is_inverted():
+    digit = to_mnist(paper(80, 60, SEVEN))
+    assert digit.shape == (28, 28) and digit.dtype == torch.uint8
+    assert digit.max() == 255  # the strokes are white
+    assert digit[0].sum() == digit[-1].sum() == digit[:, 0].sum() == digit[:, -1].sum() == 0  # on black
+    assert torch.equal(digit, to_mnist(paper(80, 60, SEVEN, ink=255, background=0)))  # as if drawn white on black
+
+
+def test_thin_stroke_keeps_its_aspect_ratio():
+    height, width = ink_size(to_mnist(paper(300, 300, [(50, 250, 140, 160)])))  # 200 x 20
+    assert height == 20 and width <= 3
+
+
+def test_off_centre_blob_is_centred_by_mass():
+    # An L in the top-left corner: its centre of mass is neither the image's centre nor its bounding box's.
+    digit = to_mnist(paper(100, 100, [(5, 35, 5, 12), (28, 35, 5, 30)]))
+    row, col = centre_of_mass(digit)
+    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
+    assert max(ink_size(digit)) == 20
+
+
+def test_transparent_background_counts_as_white():
+    gray = paper(80, 60, SEVEN)
+    rgba = Image.new("RGBA", gray.size, (0, 0, 0, 0))  # transparent black: all black if the alpha were ignored
+    rgba.paste((0, 0, 0, 255), mask=ImageOps.invert(gray))  # opaque black strokes
+    assert torch.equal(to_mnist(rgba), to_mnist(gray))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "I", "F", "CMYK"])
+def test_large_image_in_any_mode(mode):
+    image = paper(200, 300, [(40, 60, 30, 270), (60, 160, 130, 150)]).convert(mode)  # a T, 300 wide
+    height, width = ink_size(to_mnist(image))
+    assert (height, width) == (10, 20)  # 120 x 240, scaled by 1/12
+
+
+@pytest.mark.parametrize(
+    "image",
+    [paper(40, 30, []), paper(40, 30, [], background=0), Image.new("RGBA", (50, 50), (0, 0, 0, 0))],
+    ids=["white", "black", "transparent"],
+)
+def test_blank_image_gives_zeros(image):
+    assert torch.equal(to_mnist(image), torch.zeros(28, 28, dtype=torch.uint8))
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three fake digits as PNG (one of them dark on light and 4x larger), a fake.png that is text, notes.txt."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images, _ = digits(3, seed=5)
+    Image.fromarray(images[0].numpy()).save(folder / "a.png")
+    Image.fromarray(images[1].numpy()).convert("RGB").save(folder / "b.png")
+    Image.fromarray(255 - images[2].numpy()).resize((112, 112)).save(folder / "c_inverted_large.png")
+    (folder / "fake.png").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image either, but no image suffix: skipped")
+    return folder
+
+
+def test_folder_end_to_end(trained_ckpt, image_folder, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["--ckpt", str(trained_ckpt), str(image_folder), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"{image_folder / 'fake.png'}: not a readable image (unknown format)"]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [Path(row["file"]).name for row in rows] == ["a.png", "b.png", "c_inverted_large.png"]
+    for row in rows:
+        top3 = [pair.split(":") for pair in row["top3"].split("; ")]
+        probabilities = [float(prob) for _, prob in top3]
+        assert len(top3) == 3 and top3[0] == [row["predicted"], row["probability"]]
+        assert row["predicted"] in "0123456789" and 0 < float(row["probability"]) <= 1
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
+        assert row["file"] in captured.out
+    assert "3 predictions written to" in captured.out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "kmnist"], "was trained on mnist, not kmnist"),
+        (["EMPTY"], "no image files found in"),
+        (["FAKE"], "none of the 1 files is a readable image"),
+    ],
+)
+def test_errors(trained_ckpt, image_folder, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    places = {"EMPTY": str(tmp_path / "empty"), "FAKE": str(image_folder / "fake.png")}
+    argv = ["--ckpt", str(trained_ckpt), *[places.get(arg, arg) for arg in extra], "--out", str(tmp_path / "p.csv")]
+    if "--dataset" in extra:
+        argv.append(str(image_folder / "a.png"))
+    assert main(argv) == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_script_missing_checkpoint(image_folder, tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "predict.py"), "--ckpt", str(missing), str(image_folder / "a.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: checkpoint not found: {missing}"]

@@ -1,0 +1,63 @@
+"""DDP through Lightning on 2 CPU processes (gloo): the same numbers as one process, one run directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_lit.training import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--lr", "0.05", "--quiet", "--accelerator", "cpu"]
+DDP = ["--devices", "2", "--strategy", "ddp"]
+
+
+def train_script(*argv) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(shared_data_dir, tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    for save_dir, extra, run in ((ddp, DDP, train_script), (single, [], lambda *a: main(list(map(str, a))))):
+        run("--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "2", *ARGS, *extra)
+        run(
+            "--stage",
+            "full",
+            "--ckpt",
+            "last.ckpt",
+            "--epochs",
+            "3",
+            "--data-dir",
+            shared_data_dir,
+            "--save-dir",
+            save_dir,
+            *ARGS,
+            *extra,
+        )
+
+    # One run directory per stage: the second process wrote nothing of its own.
+    assert [p.name for p in (ddp / "initial").iterdir()] == ["version_0"]
+    assert [p.name for p in (ddp / "full").iterdir()] == ["version_0"]
+    for stage, count in (("initial", 32), ("full", 120)):
+        a, b = results(ddp / stage / "version_0"), results(single / stage / "version_0")
+        assert a["processes"] == 2 and b["processes"] == 1
+        assert a["count"] == b["count"] == count  # every validation / test image counted exactly once
+        assert abs(a["acc"] - b["acc"]) <= 0.002
+    # Each global batch is split between the ranks: the averaged gradient is the one-process gradient.
+    w_ddp = torch.load(ddp / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    w_one = torch.load(single / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert max((w_ddp[k] - w_one[k]).abs().max().item() for k in w_one if k.startswith("net.")) < 1e-5

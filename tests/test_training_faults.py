@@ -1,0 +1,67 @@
+"""Crashes and divergence: a run killed at any moment resumes to the same weights; NaN stops cleanly."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_lit import module
+from mnist_lit.training import main
+
+HERE = Path(__file__).resolve().parent
+# 320 training images -> 288 train / 32 val, batch 64 -> 5 steps per epoch; 4 epochs = global steps 0..19.
+ARGS = ["--epochs", "4", "--lr", "0.05", "--milestones", "2", "3", "--deterministic", "--quiet"]
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(shared_data_dir, tmp_path_factory):
+    """The final weights of an uninterrupted run."""
+    save_dir = tmp_path_factory.mktemp("reference")
+    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(save_dir), *ARGS]) == 0
+    return last_weights(save_dir / "initial" / "version_0")
+
+
+@pytest.mark.parametrize("moment", ["train-step-12", "validation-epoch-3", "ckpt-write-3"])
+def test_killed_run_resumes_to_identical_weights(moment, reference, shared_data_dir, tmp_path):
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]
+    killed = subprocess.run(
+        [sys.executable, str(HERE / "kill_at.py"), moment, *common], capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    killed_dir = tmp_path / "initial" / "version_0"
+    # Killed during epoch 3 (or while writing its checkpoint): last.ckpt is the complete one of epoch 2.
+    assert torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+    assert main([*common, "--ckpt", "last.ckpt"]) == 0  # resumes into version_1
+    resumed = last_weights(tmp_path / "initial" / "version_1")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # bit for bit
+    assert (killed_dir / "checkpoints" / "last.ckpt").is_file()  # the killed run's files are kept
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    shared_data_dir, tmp_path, monkeypatch, capsys
+):
+    real_loss, calls = module.nll_loss, []
+
+    def loss_that_breaks(log_probs, targets):
+        if torch.is_grad_enabled():  # training steps only
+            calls.append(1)
+        loss = real_loss(log_probs, targets)
+        return loss * float("nan") if len(calls) > 12 else loss  # from global step 12: epoch 3, 3rd batch
+
+    monkeypatch.setattr(module, "nll_loss", loss_that_breaks)
+    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite from epoch 3, global step 12" in err, err
+    run_dir = tmp_path / "initial" / "version_0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1  # epoch 2's checkpoint, not overwritten by the broken epoch 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
