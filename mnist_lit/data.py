@@ -107,8 +107,8 @@ def _download(data_dir, dataset: str) -> str:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             _torchvision_class(dataset)(root=str(data_dir), download=True)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError ... depending on the failure
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"download failed, offline? {first_line}"
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__  # the last mirror's
+        return f"could not download them, offline? {cause}"
     return ""
 
 

@@ -24,8 +24,10 @@ def load_checkpoint(path: Path) -> dict:
         if found:  # the pickle names a function or class: loading it could run code
             raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
         raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
-    except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError ... for truncated or foreign files
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
+        ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or "stage" not in hparams or "state_dict" not in ckpt:
         raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
@@ -64,21 +66,29 @@ class Trained:
         return self.path.resolve().parent.parent
 
 
-def load_trained(path, dataset: str | None = None) -> Trained:
-    """Rebuild the model of a checkpoint in eval mode; ``dataset``, if given, must be the one it was trained on."""
-    path = Path(path)
-    ckpt = load_checkpoint(path)
+def module_from_checkpoint(ckpt: dict, path) -> MNISTLitModule:
+    """The LightningModule a checkpoint describes, with its weights loaded; UserError if they do not fit."""
     hparams = ckpt["hyper_parameters"]
-    trained_on = hparams.get("dataset", "mnist")
-    if dataset is not None and dataset != trained_on:
-        raise UserError(f"{path} was trained on {trained_on}, not {dataset}")
-    module = MNISTLitModule(**hparams)
+    try:
+        module = MNISTLitModule(**hparams)
+    except TypeError as err:
+        raise UserError(f"{path}: settings this version does not know ({err})") from None
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:  # name the missing / unexpected weights: the first line alone says nothing
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[1:])[:300]
         raise UserError(f"{path}: its weights do not fit the {hparams.get('net')} architecture: {detail}") from None
-    module.eval()
+    return module
+
+
+def load_trained(path, dataset: str | None = None) -> Trained:
+    """Rebuild the model of a checkpoint in eval mode; ``dataset``, if given, must be the one it was trained on."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    trained_on = ckpt["hyper_parameters"].get("dataset", "mnist")
+    if dataset is not None and dataset != trained_on:
+        raise UserError(f"{path} was trained on {trained_on}, not {dataset}")
+    module = module_from_checkpoint(ckpt, path).eval()
     mean, std = module.pixel_stats.tolist()
     classifier = Classifier(module.net, mean, std).eval()
     return Trained(module, classifier, trained_on, dataset_spec(trained_on).classes, ckpt, path)

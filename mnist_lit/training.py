@@ -26,9 +26,9 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from mnist_lit.data import DATASETS, MNISTDataModule, ensure_raw_files
+from mnist_lit.data import DATASETS, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.inference import load_checkpoint
+from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
 
@@ -319,6 +319,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     if args.ckpt:
         ckpt_path = resolve_ckpt(args.ckpt, args.save_dir)
         ckpt = load_checkpoint(ckpt_path)
+        module_from_checkpoint(ckpt, ckpt_path)  # its weights must fit its architecture before anything starts
     elif args.stage == "full":
         raise UserError("--stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)")
     ckpt_stage = ckpt["hyper_parameters"]["stage"] if ckpt else None
@@ -327,10 +328,20 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     resume = ckpt_stage == args.stage
     settings, epochs = choose_settings(args, ckpt, resume)
 
+    datamodule = MNISTDataModule(
+        data_dir=args.data_dir,
+        dataset=settings["dataset"],
+        stage=args.stage,
+        val_fraction=settings["val_fraction"],
+        seed=settings["seed"],
+        batch_size=settings["batch_size"],
+        eval_batch_size=settings["eval_batch_size"],
+    )
     # Only rank 0 makes the run directory; Lightning broadcasts its checkpoint folder to the other ranks.
     run_dir = None
     if launched_as_rank_zero():
-        ensure_raw_files(args.data_dir, settings["dataset"])  # fail on missing data before a run dir is made
+        datamodule.prepare_data()  # missing or corrupt data fails here, before a run directory is made;
+        datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
         run_dir = new_run_dir(args.save_dir, args.stage)
         (run_dir / "command.txt").write_text(command + "\n")
         snapshot_code(run_dir)
@@ -339,15 +350,6 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         how = "resuming" if resume else "from" if ckpt else "new run"
         log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
         pl.seed_everything(settings["seed"], verbose=False)
-        datamodule = MNISTDataModule(
-            data_dir=args.data_dir,
-            dataset=settings["dataset"],
-            stage=args.stage,
-            val_fraction=settings["val_fraction"],
-            seed=settings["seed"],
-            batch_size=settings["batch_size"],
-            eval_batch_size=settings["eval_batch_size"],
-        )
         model = MNISTLitModule(
             net=settings["net"],
             lr=settings["lr"],

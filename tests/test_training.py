@@ -205,6 +205,10 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
+    other_net = tmp_path / "other_net.ckpt"
+    changed = torch.load(last, weights_only=True)
+    changed["state_dict"]["net.fc1.weight"] = torch.zeros(300, 800)  # another architecture's layer
+    torch.save(changed, other_net)
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"stage": "initial"}, "payload": RunsCode()}, evil)
     cases = [
@@ -212,6 +216,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", text], "not a readable checkpoint"),
         (["--ckpt", foreign], "not an mnist_lit checkpoint"),
         (["--ckpt", evil], "refused, it asks to load posix.system"),
+        (["--ckpt", other_net], "its weights do not fit the lenet architecture"),
         (["--ckpt", last, "--epochs", "4"], "not beyond the checkpoint's epoch 4"),
         (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
     ]
@@ -219,6 +224,20 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_corrupt_data_fails_before_a_run_directory_is_made(data_dir, tmp_path, capsys):
+    images = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet") == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "logs" / "initial").exists()
+
+
+def test_empty_data_dir(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    assert run("--data-dir", tmp_path / "data", "--save-dir", tmp_path / "logs", "--quiet") == 2
+    assert "mnist files missing in" in capsys.readouterr().err
 
 
 def test_missing_data_offline(tmp_path, capsys):
