@@ -22,7 +22,8 @@ class SplitMetrics(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.acc = MulticlassAccuracy(num_classes, average="micro")
-        self.loss = MeanMetric(nan_strategy="disable")  # a NaN loss shows as NaN, never silently dropped
+        # A NaN loss shows as NaN, never silently dropped ("disable" would also drop the weights, torchmetrics 1.9).
+        self.loss = MeanMetric(nan_strategy=float("nan"))
         self.count = SumMetric()
 
     def update(self, log_probs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:

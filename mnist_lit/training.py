@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default 0.01; full: 1e-4)")
     p.add_argument("--milestones", type=int, nargs="*", help="epochs of the stage after which lr /= 10 (2 10)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.5)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    p.add_argument("--batch-size", type=int, help="training batch size, split between DDP processes (64)")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 1000)")
     p.add_argument("--val-fraction", type=float, help="share of the 60k held out in the initial stage (0.1)")
     p.add_argument("--seed", type=int, help="seeds the split, the shuffling and the initial weights (0)")

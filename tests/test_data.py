@@ -36,6 +36,7 @@ def test_read_idx_round_trip(tmp_path):
     [
         (lambda b: b"\x00\x00\x09\x03" + b[4:], "magic"),  # not unsigned bytes
         (lambda b: b[:-10], "truncated"),  # body cut short
+        (lambda b: b[:4] + (999).to_bytes(4, "big") + b[8:], "999 x 28 x 28"),  # wrong item count in the header
         (lambda b: b + b"\x00" * 5, "truncated or corrupt"),  # more bytes than the header says
         (lambda b: b[:8], "too short"),  # header cut short
         (lambda b: b"", "too short"),  # empty file
@@ -105,7 +106,7 @@ def test_corrupt_gz_is_refused(tmp_path, contents):
 
 
 def test_missing_files_offline_name_them(tmp_path):
-    with pytest.raises(UserError, match="mnist files missing in .*t10k-labels-idx1-ubyte.*download failed") as err:
+    with pytest.raises(UserError, match="mnist files missing in .*t10k-labels-idx1-ubyte.*could not download") as err:
         ensure_raw_files(tmp_path / "empty")
     assert "train-images-idx3-ubyte" in str(err.value)
 

@@ -14,7 +14,7 @@ from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
-from mnist_lit.training import main, parse_args, resolve_ckpt
+from mnist_lit.training import choose_settings, main, parse_args, resolve_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 # 320 training images -> 288 train / 32 val with the default 10 %; batch 64 -> 5 steps per epoch.
@@ -86,38 +86,30 @@ def test_checkpoint_loads_safely(initial_run):
 
 
 def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
-    """The original's spellings (--train-full 1 --resume last.ckpt); epochs 5..24 at lr 1e-4 on all images,
+    """The original's spellings (--train-full 1 --resume last.ckpt); epochs 5..7 at lr 1e-4 on all images,
     evaluated on the test set; the weights equal a plain loop from the initial weights with a fresh SGD."""
     data_dir, save_dir, initial_dir = initial_run
-    assert (
-        run("--train-full", "1", "--resume", "last.ckpt", "--data-dir", data_dir, "--save-dir", save_dir, "--quiet")
-        == 0
-    )
+    argv = ["--train-full", "1", "--resume", "last.ckpt", "--epochs", "7", "--save-freq", "3"]
+    assert run(*argv, "--data-dir", data_dir, "--save-dir", save_dir, "--quiet") == 0
     assert f"-> {initial_dir / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     run_dir = save_dir / "full" / "version_0"
     lines = epoch_lines(run_dir)
-    assert [int(line.split()[1]) for line in lines] == list(range(5, 25))
+    assert [int(line.split()[1]) for line in lines] == [5, 6, 7]
     assert all(line.split()[3] == "0.0001" and " test " in line and "/120 (" in line for line in lines)
     results = json.loads((run_dir / "results.json").read_text())
-    assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 24)
+    assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 7)
     initial = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
     full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert full["global_step"] == initial["global_step"] + 20 * 5  # TensorBoard's step axis continues
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "005.ckpt",
-        "010.ckpt",
-        "015.ckpt",
-        "020.ckpt",
-        "last.ckpt",
-    ]
+    assert full["global_step"] == initial["global_step"] + 3 * 5  # TensorBoard's step axis continues
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["006.ckpt", "last.ckpt"]
 
-    # The same 20 epochs as a plain PyTorch loop: fresh SGD, lr 1e-4, momentum 0.5, same batches.
+    # The same 3 epochs as a plain PyTorch loop: fresh SGD, lr 1e-4, momentum 0.5, same batches.
     model = MNISTLitModule.load_from_checkpoint(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
     optimizer = torch.optim.SGD(model.net.parameters(), lr=1e-4, momentum=0.5)
     data = MNISTDataModule(str(data_dir), stage="full")
     data.setup()
     loader = data.train_dataloader()
-    for epoch in range(4, 24):
+    for epoch in range(4, 7):
         loader.sampler.set_epoch(epoch)
         for images, labels in loader:
             optimizer.zero_grad()
@@ -125,6 +117,18 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
             optimizer.step()
     expected = {f"net.{k}": v for k, v in model.net.state_dict().items()}
     assert same_tensors(expected, net_weights(run_dir / "checkpoints" / "last.ckpt"))
+
+
+def test_full_stage_trains_20_more_epochs_by_default(initial_run):
+    _, _, initial_dir = initial_run
+    ckpt = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    settings, epochs = choose_settings(parse_args(["--stage", "full"]), ckpt, resume=False)
+    assert epochs == 4 + 20
+    assert (settings["lr"], settings["milestones"], settings["momentum"]) == (1e-4, [], 0.5)
+    assert settings["seed"] == 0 and settings["batch_size"] == 64  # inherited from the initial run
+    with pytest.raises(UserError, match="not beyond"):  # a resume keeps the run's own last epoch: done already
+        choose_settings(parse_args([]), ckpt, resume=True)
+    assert choose_settings(parse_args(["--epochs", "6"]), ckpt, resume=True)[1] == 6
 
 
 def test_resume_of_an_interrupted_run_gives_the_same_weights(initial_run, tmp_path):
@@ -219,6 +223,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", other_net], "its weights do not fit the lenet architecture"),
         (["--ckpt", last, "--epochs", "4"], "not beyond the checkpoint's epoch 4"),
         (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
+        (["--ckpt", last, "--dataset", "kmnist"], "--dataset kmnist differs from the checkpoint's mnist"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
