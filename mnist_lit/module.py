@@ -1,4 +1,4 @@
-"""The LightningModule: net + loss + torchmetrics + SGD with MultiStepLR."""
+"""The LightningModule: net + loss + torchmetrics + optimizer (SGD as in the original, or Adam) + schedule."""
 
 import logging
 
@@ -40,7 +40,10 @@ class SplitMetrics(nn.Module):
 
 
 class MNISTLitModule(pl.LightningModule):
-    """Trains a net from ``mnist_lit.net`` with SGD; milestones count epochs from the stage's start.
+    """Trains a net from ``mnist_lit.net``.
+
+    optimizer "sgd" (momentum, optional Nesterov) or "adam"; schedule "multistep" (lr x gamma after each
+    milestone, counted in epochs from the stage's start) or "onecycle" (per step, peaking at lr).
 
     stage "initial" evaluates on the validation split each epoch (logged as ``val/*``); stage "full" trains
     on all training images and evaluates on the test set each epoch (logged as ``test/*``).
@@ -57,8 +60,16 @@ class MNISTLitModule(pl.LightningModule):
         stage: str = "initial",
         epochs: int = 20,
         dataset: str = "mnist",
+        recipe: str = "seed",
+        optimizer: str = "sgd",
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        schedule: str = "multistep",
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        if optimizer not in ("sgd", "adam") or schedule not in ("multistep", "onecycle"):
+            raise UserError(f"unknown optimizer {optimizer!r} or schedule {schedule!r}")
         self.save_hyperparameters()
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
         self.net = build_net(net, NUM_CLASSES)
@@ -91,7 +102,8 @@ class MNISTLitModule(pl.LightningModule):
     def _step(self, batch, split: str) -> torch.Tensor:
         images, targets = batch
         log_probs = self.net(images)
-        loss = nll_loss(log_probs, targets)
+        # Label smoothing is a training device: evaluation reports the plain negative log-likelihood.
+        loss = nll_loss(log_probs, targets, self.hparams.label_smoothing if split == "train" else 0.0)
         # No self.log here: epoch-level metrics only, so no per-step host sync or logging overhead.
         getattr(self, f"{split}_metrics").update(log_probs.detach(), targets, loss.detach())
         return loss
@@ -146,8 +158,18 @@ class MNISTLitModule(pl.LightningModule):
         )
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.hparams.milestones, self.hparams.gamma)
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        if hp.schedule == "onecycle":  # warm up to lr, then anneal to ~0 over the stage's remaining steps
+            steps = self.trainer.estimated_stepping_batches
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, hp.milestones, hp.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}
 
 

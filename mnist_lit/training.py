@@ -31,25 +31,10 @@ from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.module import MNISTLitModule, format_eval
 from mnist_lit.net import NETS
+from mnist_lit.recipes import FULL_STAGE, FULL_STAGE_EPOCHS, RECIPES, SEED
 
 log = logging.getLogger("mnist_lit")
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-# Settings of a new initial run; a resumed run keeps its checkpoint's, a new full stage inherits the initial
-# run's except its own schedule (FULL_STAGE). Options given on the command line override these.
-DEFAULTS = {
-    "dataset": "mnist",
-    "net": "lenet",
-    "lr": 0.01,
-    "momentum": 0.5,
-    "milestones": [2, 10],  # the original code's schedule: lr/10 after 10 % and 50 % of the 20 epochs
-    "batch_size": 64,
-    "eval_batch_size": 1000,
-    "val_fraction": 0.1,
-    "seed": 0,
-}
-FULL_STAGE = {"lr": 1e-4, "milestones": []}
-EPOCHS_PER_STAGE = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="holds MNIST/raw/ (default: data, downloaded if missing)")
     p.add_argument("--dataset", choices=list(DATASETS), help="mnist (default), fashion_mnist or kmnist")
     p.add_argument("--save-dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help="preset settings of a new run: seed (default, the "
+        "original protocol) or fast (least time to 99 %%); options below override single settings",
+    )
     p.add_argument("--net", choices=sorted(NETS), help="architecture (default lenet, the original's)")
     p.add_argument("--epochs", type=int, help="number of the last epoch (default 20; full: checkpoint's + 20)")
     p.add_argument("--lr", type=float, help="learning rate (default 0.01; full: 1e-4)")
@@ -284,12 +275,16 @@ def build_trainer(args: argparse.Namespace, run_dir: Path | None, epochs: int, f
 
 
 def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -> tuple[dict, int]:
-    """The run's settings and its last epoch, from defaults, the checkpoint and the options given."""
-    given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
+    """The run's settings and its last epoch: a recipe (new run) or the checkpoint's, then the options given."""
+    given = {key: getattr(args, key) for key in SEED if getattr(args, key, None) is not None}
+    given.pop("epochs", None)  # the last epoch is decided below
     if ckpt is None:
-        return {**DEFAULTS, **given}, args.epochs or EPOCHS_PER_STAGE
+        settings = {**RECIPES[args.recipe or "seed"], **given}
+        return settings, args.epochs or settings["epochs"]
+    if args.recipe:
+        raise UserError("--recipe is for a new run: a checkpoint brings its own settings")
     saved = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
-    settings = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}
+    settings = {key: saved.get(key, SEED[key]) for key in SEED}  # checkpoints from before a setting existed
     done = ckpt["epoch"] + 1  # our checkpoints are written at the end of an epoch
     if resume:
         for key, value in given.items():
@@ -302,7 +297,7 @@ def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -
     else:
         settings.update(FULL_STAGE)
         settings.update(given)
-        epochs = args.epochs or done + EPOCHS_PER_STAGE
+        epochs = args.epochs or done + FULL_STAGE_EPOCHS
     if epochs <= done:
         raise UserError(f"--epochs {epochs} is not beyond the checkpoint's epoch {done}: nothing to train")
     return settings, epochs
@@ -350,11 +345,9 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         how = "resuming" if resume else "from" if ckpt else "new run"
         log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
         pl.seed_everything(settings["seed"], verbose=False)
+        data_keys = ("batch_size", "eval_batch_size", "val_fraction", "seed", "dataset", "epochs")
         model = MNISTLitModule(
-            net=settings["net"],
-            lr=settings["lr"],
-            momentum=settings["momentum"],
-            milestones=settings["milestones"],
+            **{k: v for k, v in settings.items() if k not in data_keys},
             stage=args.stage,
             epochs=epochs,
             dataset=settings["dataset"],

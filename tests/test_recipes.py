@@ -1,0 +1,67 @@
+"""mnist_lit.recipes: each recipe builds, trains a step, records itself, and goes on into the full stage."""
+
+import pytest
+import torch
+import yaml
+from conftest import digits
+
+from mnist_lit.data import normalize
+from mnist_lit.errors import UserError
+from mnist_lit.loss import nll_loss
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.net import SlimNet
+from mnist_lit.recipes import RECIPES
+from mnist_lit.training import choose_settings, main, parse_args
+
+DATA_KEYS = ("batch_size", "eval_batch_size", "val_fraction", "seed", "epochs")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_builds_and_a_training_step_lowers_the_loss(recipe):
+    settings = {k: v for k, v in RECIPES[recipe].items() if k not in DATA_KEYS}
+    torch.manual_seed(0)
+    model = MNISTLitModule(**{**settings, "schedule": "multistep"})  # onecycle needs a trainer: tested below
+    optimizer = model.configure_optimizers()["optimizer"]
+    images, labels = digits(64, seed=0)
+    batch = (normalize(images), labels.long())
+    before = model.training_step(batch, 0)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert model.training_step(batch, 0).item() < before.item()
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_runs_both_stages_and_is_recorded(recipe, shared_data_dir, tmp_path):
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet"]
+    assert main([*common, "--recipe", recipe, "--epochs", "2"]) == 0
+    hparams = yaml.safe_load((tmp_path / "initial" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["recipe"] == recipe and hparams["net"] == RECIPES[recipe]["net"]
+    assert hparams["optimizer"] == RECIPES[recipe]["optimizer"]
+    assert main([*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3"]) == 0
+    full = yaml.safe_load((tmp_path / "full" / "version_0" / "hparams.yaml").read_text())
+    assert (full["recipe"], full["net"], full["lr"], full["schedule"]) == (recipe, hparams["net"], 1e-4, "multistep")
+
+
+def test_recipe_settings_can_be_overridden_but_not_on_a_checkpoint():
+    settings, epochs = choose_settings(parse_args(["--recipe", "fast", "--lr", "0.002"]), None, resume=False)
+    assert settings["lr"] == 0.002 and settings["net"] == "slim" and epochs == RECIPES["fast"]["epochs"]
+    with pytest.raises(UserError, match="--recipe is for a new run"):
+        choose_settings(parse_args(["--recipe", "fast"]), {"hyper_parameters": {}, "epoch": 0}, resume=True)
+
+
+def test_onecycle_peaks_at_lr_and_anneals(shared_data_dir, tmp_path):
+    argv = ["--recipe", "fast", "--epochs", "2", "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
+    assert main([*argv, "--quiet"]) == 0
+    lines = (tmp_path / "initial" / "version_0" / "log.txt").read_text().splitlines()
+    first, second = (float(line.split()[3]) for line in lines if line.startswith("epoch "))
+    assert first < 0.1 * RECIPES["fast"]["lr"] and second > first  # warm-up from lr / 25
+
+
+def test_slim_net_and_label_smoothing():
+    assert SlimNet()(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    log_probs = torch.log(torch.tensor([[0.9, 0.1]]))
+    target = torch.tensor([0])
+    smoothed = nll_loss(log_probs, target, label_smoothing=0.2)  # target 0.9 / 0.1 after smoothing
+    assert smoothed.item() == pytest.approx(-(0.9 * torch.log(torch.tensor(0.9)) + 0.1 * torch.log(torch.tensor(0.1))))
+    assert nll_loss(log_probs, target).item() == pytest.approx(-torch.log(torch.tensor(0.9)).item())
