@@ -132,13 +132,22 @@ def new_run_dir(save_dir, stage: str) -> Path:
             version += 1
 
 
-def resolve_ckpt(name: str, save_dir) -> Path:
-    """A path that exists as given, or a bare file name: that checkpoint of the newest initial-stage run."""
+def resolve_ckpt(name: str, save_dir, stage: str = "initial") -> Path:
+    """A path that exists as given, or a bare file name: that checkpoint of the newest initial-stage run.
+
+    For ``--stage full``, the newest full-stage run comes first if it did not finish (no results.json) and
+    holds that file: ``--stage full --ckpt last.ckpt`` then resumes the interrupted full stage.
+    """
     path = Path(name)
     if path.is_file():
         return path
     if path.name != name:
         raise UserError(f"checkpoint not found: {name}")
+    full_runs = run_dirs(save_dir, "full") if stage == "full" else []
+    if full_runs and not (full_runs[0] / "results.json").exists() and (full_runs[0] / "checkpoints" / name).is_file():
+        candidate = full_runs[0] / "checkpoints" / name
+        print(f"--ckpt {name} -> {candidate} (that full-stage run did not finish: resuming it)")
+        return candidate
     runs = run_dirs(save_dir, "initial")
     if not runs:
         raise UserError(f"checkpoint {name} not found: no such file, and no run under {Path(save_dir) / 'initial'}")
@@ -312,7 +321,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     """Run one stage as the options say; returns the results (rank 0 also writes them to results.json)."""
     ckpt_path = ckpt = None
     if args.ckpt:
-        ckpt_path = resolve_ckpt(args.ckpt, args.save_dir)
+        ckpt_path = resolve_ckpt(args.ckpt, args.save_dir, args.stage)
         ckpt = load_checkpoint(ckpt_path)
         module_from_checkpoint(ckpt, ckpt_path)  # its weights must fit its architecture before anything starts
     elif args.stage == "full":

@@ -164,6 +164,18 @@ def test_resolve_ckpt(tmp_path):
         resolve_ckpt(str(tmp_path / "nowhere" / "last.ckpt"), tmp_path)
 
 
+def test_resolve_ckpt_for_the_full_stage(tmp_path):
+    initial = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    full = tmp_path / "full" / "version_0" / "checkpoints" / "last.ckpt"
+    for path in (initial, full):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    assert resolve_ckpt("last.ckpt", tmp_path, "full") == full  # unfinished full run: resume it
+    assert resolve_ckpt("last.ckpt", tmp_path, "initial") == initial
+    (full.parents[1] / "results.json").write_text("{}")
+    assert resolve_ckpt("last.ckpt", tmp_path, "full") == initial  # it finished: a new full stage
+
+
 def test_original_spellings_parse_like_the_new_ones():
     old = parse_args(["--train-full", "1", "--resume", "x.ckpt"])
     new = parse_args(["--stage", "full", "--ckpt", "x.ckpt"])

@@ -65,3 +65,26 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # epoch 2's checkpoint, not overwritten by the broken epoch 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_killed_full_stage_is_resumed_not_restarted(shared_data_dir, tmp_path, capsys):
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--deterministic", "--quiet"]
+    assert main([*common, "--epochs", "2", "--lr", "0.05"]) == 0
+    full = [*common, "--stage", "full", "--epochs", "4"]
+    assert main([*full, "--ckpt", "last.ckpt"]) == 0  # uninterrupted: full/version_0
+    # The same again, killed in epoch 4 (global steps 15-19: 5 steps per epoch on all 320 images).
+    initial_last = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    killed = subprocess.run(
+        [sys.executable, str(HERE / "kill_at.py"), "train-step-17", *full, "--ckpt", str(initial_last)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    capsys.readouterr()
+    assert main([*full, "--ckpt", "last.ckpt"]) == 0  # resolves to the unfinished full/version_1: a resume
+    assert "full/version_1/checkpoints/last.ckpt (that full-stage run did not finish" in capsys.readouterr().out
+    lines = (tmp_path / "full" / "version_2" / "log.txt").read_text()
+    assert "resuming" in lines and "epoch 4 " in lines and "epoch 3 " not in lines
+    a, b = last_weights(tmp_path / "full" / "version_0"), last_weights(tmp_path / "full" / "version_2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
