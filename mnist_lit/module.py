@@ -8,6 +8,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from mnist_lit.augment import random_affine
 from mnist_lit.data import MEAN, NUM_CLASSES, STD
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
@@ -66,6 +67,9 @@ class MNISTLitModule(pl.LightningModule):
         weight_decay: float = 0.0,
         schedule: str = "multistep",
         label_smoothing: float = 0.0,
+        augment: bool = False,
+        ema_decay: float = 0.0,
+        seed: int = 0,
     ):
         super().__init__()
         if optimizer not in ("sgd", "adam") or schedule not in ("multistep", "onecycle"):
@@ -109,11 +113,21 @@ class MNISTLitModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.hparams.augment:
+            batch = (self._augment(batch[0]), batch[1])
         loss = self._step(batch, "train")
         # Remember the first step whose loss is NaN/inf, on the device (no host sync per step); checked at the
         # end of the epoch, before that epoch's checkpoints would be written.
         self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step < 0), self.global_step)
         return loss
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
+        generator = torch.Generator(device=images.device).manual_seed(
+            (self.hparams.seed * 1_000_003 + self.global_step) % 2**32
+        )
+        mean, std = self.pixel_stats.tolist()
+        return random_affine(images, generator, background=-mean / std)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.eval_split)

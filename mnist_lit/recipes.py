@@ -16,6 +16,8 @@ SEED = {
     "schedule": "multistep",
     "milestones": [2, 10],  # the original code's schedule: lr/10 after 10 % and 50 % of the 20 epochs
     "label_smoothing": 0.0,
+    "augment": False,  # random affine (rotation, shift, scale) of each training batch
+    "ema_decay": 0.0,  # > 0: evaluate and save an exponential moving average of the weights
     "batch_size": 64,
     "eval_batch_size": 1000,
     "val_fraction": 0.1,
@@ -37,6 +39,24 @@ RECIPES = {
         "milestones": [],
         "batch_size": 128,
         "epochs": 3,
+    },
+    # >= 99.75 % test accuracy within 15 minutes on a 2-core CPU: a BatchNorm CNN, augmentation on the batch,
+    # SGD with Nesterov momentum and weight decay under one OneCycle, label smoothing, an EMA of the weights.
+    "strong": {
+        **SEED,
+        "recipe": "strong",
+        "net": "bnnet",
+        "nesterov": True,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "milestones": [],
+        "label_smoothing": 0.1,
+        "augment": True,
+        "ema_decay": 0.999,
+        "batch_size": 128,
+        "epochs": 25,
     },
 }
 

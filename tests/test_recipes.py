@@ -1,5 +1,10 @@
 """mnist_lit.recipes: each recipe builds, trains a step, records itself, and goes on into the full stage."""
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -13,6 +18,7 @@ from mnist_lit.net import SlimNet
 from mnist_lit.recipes import RECIPES
 from mnist_lit.training import choose_settings, main, parse_args
 
+HERE = Path(__file__).resolve().parent
 DATA_KEYS = ("batch_size", "eval_batch_size", "val_fraction", "seed", "epochs")
 
 
@@ -65,3 +71,25 @@ def test_slim_net_and_label_smoothing():
     smoothed = nll_loss(log_probs, target, label_smoothing=0.2)  # target 0.9 / 0.1 after smoothing
     assert smoothed.item() == pytest.approx(-(0.9 * torch.log(torch.tensor(0.9)) + 0.1 * torch.log(torch.tensor(0.1))))
     assert nll_loss(log_probs, target).item() == pytest.approx(-torch.log(torch.tensor(0.9)).item())
+
+
+def test_strong_recipe_resumes_exactly_with_augmentation_and_ema(shared_data_dir, tmp_path):
+    """Augmentation draws depend on (seed, step) and Lightning's EMA callback keeps its state in checkpoints:
+    a strong-recipe run killed in epoch 2 resumes to the same weights as an uninterrupted one."""
+    common = ["--data-dir", str(shared_data_dir), "--quiet", "--recipe", "strong", "--epochs", "3"]
+    assert main([*common, "--save-dir", str(tmp_path / "a")]) == 0
+    # 288 training images, batch 128: 3 steps per epoch; step 4 is in epoch 2.
+    killed = subprocess.run(
+        [sys.executable, str(HERE / "kill_at.py"), "train-step-4", *common, "--save-dir", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resume = ["--data-dir", str(shared_data_dir), "--quiet", "--save-dir", str(tmp_path / "b"), "--ckpt", "last.ckpt"]
+    assert main([*resume, "--epochs", "4"]) == 2  # a onecycle schedule is fixed by its epochs
+    assert main(resume) == 0
+    a = torch.load(tmp_path / "a" / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "initial" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "current_model_state"):  # the averaged weights and the trained ones
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
