@@ -173,7 +173,8 @@ def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str
     log_probs = classify(trained.classifier, images)
     metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
     metrics.update(compute_metrics(log_probs, labels, trained.classes))
-    title = f"{trained.dataset} {split}, {trained.path.parent.parent.name}/{trained.path.name}"
+    run = trained.run_dir
+    title = f"{trained.dataset} {split}, {run.parent.name}/{run.name}/{trained.path.name}"
     out_dir = new_out_dir(Path(out) if out else trained.run_dir / "evaluation" / f"{trained.path.stem}-{split}")
 
     figures = {
