@@ -38,7 +38,7 @@ RECIPES = {
         "schedule": "onecycle",
         "milestones": [],
         "batch_size": 128,
-        "epochs": 3,
+        "epochs": 2,  # measured: 3 epochs reach 99.24 % in 20 s, 2 epochs 99.15 % in 13 s (seed 0)
     },
     # >= 99.75 % test accuracy within 15 minutes on a 2-core CPU: a BatchNorm CNN, augmentation on the batch,
     # SGD with Nesterov momentum and weight decay under one OneCycle, label smoothing, an EMA of the weights.
