@@ -56,7 +56,9 @@ RECIPES = {
         "augment": True,
         "ema_decay": 0.999,
         "batch_size": 128,
-        "epochs": 25,
+        "val_fraction": 0.05,  # validation only watches (no selection): keep more images for training
+        # measured: 25 epochs on 54k images gave 99.69 % test in 477 s (seed 0); more epochs, more data here
+        "epochs": 35,
     },
 }
 
