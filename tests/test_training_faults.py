@@ -51,10 +51,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 ):
     real_loss, calls = module.nll_loss, []
 
-    def loss_that_breaks(log_probs, targets):
+    def loss_that_breaks(log_probs, targets, label_smoothing=0.0):
         if torch.is_grad_enabled():  # training steps only
             calls.append(1)
-        loss = real_loss(log_probs, targets)
+        loss = real_loss(log_probs, targets, label_smoothing)
         return loss * float("nan") if len(calls) > 12 else loss  # from global step 12: epoch 3, 3rd batch
 
     monkeypatch.setattr(module, "nll_loss", loss_that_breaks)
