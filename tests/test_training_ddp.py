@@ -1,6 +1,7 @@
 """DDP through Lightning on 2 CPU processes (gloo): the same numbers as one process, one run directory."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,66 @@ def test_ddp_two_cpu_processes_match_one_process(shared_data_dir, tmp_path):
     w_ddp = torch.load(ddp / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     w_one = torch.load(single / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert max((w_ddp[k] - w_one[k]).abs().max().item() for k in w_one if k.startswith("net.")) < 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_by_torchrun(shared_data_dir, tmp_path):
+    """--num-nodes 2 with torchrun, both "nodes" on this machine (gloo over loopback): one run directory,
+    written by global rank 0 only, and the numbers of one process."""
+    port, torchrun = free_port(), Path(sys.executable).with_name("torchrun")
+    argv = [
+        "scripts/train.py",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+        "--num-nodes",
+        "2",
+        "--strategy",
+        "ddp",
+        "--data-dir",
+        str(shared_data_dir),
+        "--save-dir",
+        str(tmp_path / "nodes"),
+        "--epochs",
+        "2",
+        *ARGS,
+    ]
+    nodes = [
+        subprocess.Popen(
+            [
+                str(torchrun),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *argv,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert [p.name for p in (tmp_path / "nodes" / "initial").iterdir()] == ["version_0"]
+    assert (
+        main([str(a) for a in ("--data-dir", shared_data_dir, "--save-dir", tmp_path / "one", "--epochs", "2", *ARGS)])
+        == 0
+    )
+    a, b = results(tmp_path / "nodes" / "initial" / "version_0"), results(tmp_path / "one" / "initial" / "version_0")
+    assert (a["processes"], a["count"]) == (2, b["count"]) and abs(a["acc"] - b["acc"]) <= 0.002
