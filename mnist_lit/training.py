@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from tqdm import tqdm
 
 from mnist_lit.data import DATASETS, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
@@ -167,10 +168,17 @@ def snapshot_code(run_dir: Path) -> None:
             shutil.copy2(file, run_dir / "code" / src.name / file.name)
 
 
+class TqdmHandler(logging.Handler):
+    """Console lines through tqdm.write, so they print above a running progress bar instead of into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
 @contextlib.contextmanager
 def run_logging(run_dir: Path | None, quiet: bool):
     """Epoch lines go to the console and to run_dir/log.txt; --quiet also silences Lightning's banners."""
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = [TqdmHandler()]
     if run_dir is not None:
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
     for handler in handlers:
@@ -223,6 +231,14 @@ class NumberedCheckpoint(ModelCheckpoint):
         return super().format_checkpoint_name({**metrics, "epoch": metrics["epoch"] + 1}, filename, ver, prefix)
 
 
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting epochs from 1 like the logs and checkpoint names."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
 class FreshOptimizer(Callback):
     """Start the full stage with a new optimizer and schedule, as the original did, after Lightning restored
     the initial stage's weights, epoch and step from its checkpoint."""
@@ -267,7 +283,7 @@ def build_trainer(
     if ema_decay:  # Lightning's own EMA: validates with, and saves as state_dict, the averaged weights
         callbacks.append(EMAWeightAveraging(decay=ema_decay))
     if not args.quiet:
-        callbacks.append(TQDMProgressBar(refresh_rate=20))
+        callbacks.append(EpochProgressBar(refresh_rate=20))
     return pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
