@@ -9,16 +9,14 @@ import bisect
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, nothing global to close
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
-
-from mnist_lit.data import DATASETS, NUM_CLASSES, MNISTDataModule, ensure_raw_files  # noqa: E402
-from mnist_lit.errors import ArgumentParser, UserError, exit_code  # noqa: E402
-from mnist_lit.inference import Trained, classify, load_trained  # noqa: E402
+from mnist_lit.data import DATASETS, NUM_CLASSES, MNISTDataModule, ensure_raw_files
+from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.inference import Trained, classify, load_trained
 
 
 def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +49,12 @@ def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tupl
     }
 
 
-def confusion_figure(metrics: dict, classes: tuple[str, ...], title: str) -> plt.Figure:
+def confusion_figure(metrics: dict, classes: tuple[str, ...], title: str) -> Figure:
     matrix = torch.tensor(metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.subplots()
     # Log colour scale: the diagonal holds ~1000 per cell, the mistakes a handful.
-    image = ax.imshow(matrix.clamp(min=0.5).numpy(), cmap="Blues", norm=matplotlib.colors.LogNorm())
+    image = ax.imshow(matrix.clamp(min=0.5).numpy(), cmap="Blues", norm=LogNorm())
     for row in range(len(classes)):
         for col in range(len(classes)):
             if matrix[row, col]:
@@ -71,14 +70,15 @@ def confusion_figure(metrics: dict, classes: tuple[str, ...], title: str) -> plt
     return fig
 
 
-def misclassified_figure(images, labels, log_probs, classes, title: str, limit: int = 36) -> plt.Figure:
+def misclassified_figure(images, labels, log_probs, classes, title: str, limit: int = 36) -> Figure:
     """A grid of the most confidently wrong images: true / predicted label and the predicted probability."""
     probs, predicted = log_probs.exp().max(dim=1)
     wrong = (predicted != labels).nonzero().flatten()
     worst = wrong[probs[wrong].argsort(descending=True)][:limit].tolist()
     cols = 6
     rows = max(1, -(-len(worst) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig = Figure(figsize=(cols * 1.6, rows * 1.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
@@ -113,7 +113,7 @@ def read_scalars(run_dirs: list[Path]) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def curves_figure(run_dirs: list[Path]) -> plt.Figure:
+def curves_figure(run_dirs: list[Path]) -> Figure:
     """Loss, accuracy and learning rate per (1-based) epoch, all stages on one axis."""
     scalars = read_scalars(run_dirs)
     if "train/loss" not in scalars or "epoch" not in scalars:
@@ -126,7 +126,8 @@ def curves_figure(run_dirs: list[Path]) -> plt.Figure:
     def epoch_of(step: int) -> int:
         return int(ends[min(bisect.bisect_left(end_steps, step), len(ends) - 1)][1]) + 1
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     panels = [("loss", axes[0], "linear"), ("acc", axes[1], "linear"), ("lr", axes[2], "log")]
     for name, ax, scale in panels:
         tags = [tag for tag in ("train/" + name, "val/" + name, "test/" + name, name) if tag in scalars]
@@ -198,7 +199,6 @@ def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str
         for name, fig in figures.items():
             if name != "curves":
                 writer.add_figure(f"eval_{split}/{name}", fig, step)
-    plt.close("all")
     print(format_table(metrics, title))
     print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir()))} to {out_dir}")
     return out_dir
