@@ -62,3 +62,19 @@ def test_evaluate_errors(trained_ckpt, shared_data_dir, capsys, argv, message):
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
+    from conftest import write_mnist
+
+    from mnist_lit.training import main as train_main
+
+    data_dir = write_mnist(tmp_path / "data", dataset="fashion_mnist")
+    argv = ["--dataset", "fashion_mnist", "--data-dir", data_dir, "--save-dir", tmp_path / "runs", "--epochs", "1"]
+    assert train_main([str(a) for a in [*argv, "--quiet"]]) == 0
+    ckpt = tmp_path / "runs" / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["dataset"] == "fashion_mnist" and "Ankle boot" in metrics["per_class"]
+    assert "Ankle boot" in capsys.readouterr().out
+    assert main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--dataset", "mnist"]) == 2  # not silently
