@@ -195,6 +195,13 @@ def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> tor
     return (images.float() - 255 * mean) / (255 * std)
 
 
+def seeded_generator(seed: int, counter: int, device="cpu") -> torch.Generator:
+    """A generator for draw number ``counter`` (an epoch, a step) of a run with ``seed``: its draws depend on
+    nothing else, so a resumed run draws the same. Torch generators keep only 32 bits of their seed: seed and
+    counter are mixed into those, distinct for every counter below 1,000,003."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + counter) % 2**32)
+
+
 class EpochSampler:
     """The order of one epoch: a seeded shuffle that changes each epoch, or the plain order.
 
@@ -214,9 +221,7 @@ class EpochSampler:
     def indices(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        # The CPU generator keeps only 32 bits of its seed: mix seed and epoch into those, distinct per epoch.
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**32)
-        return torch.randperm(self.n, generator=generator)
+        return torch.randperm(self.n, generator=seeded_generator(self.seed, self.epoch))
 
     def __iter__(self):
         return iter(self.indices().tolist())

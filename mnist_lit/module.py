@@ -9,7 +9,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_lit.augment import random_affine
-from mnist_lit.data import MEAN, NUM_CLASSES, STD
+from mnist_lit.data import MEAN, NUM_CLASSES, STD, seeded_generator
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.net import build_net
@@ -123,9 +123,7 @@ class MNISTLitModule(pl.LightningModule):
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
-        generator = torch.Generator(device=images.device).manual_seed(
-            (self.hparams.seed * 1_000_003 + self.global_step) % 2**32
-        )
+        generator = seeded_generator(self.hparams.seed, self.global_step, images.device)
         mean, std = self.pixel_stats.tolist()
         return random_affine(images, generator, background=-mean / std)
 
