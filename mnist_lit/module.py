@@ -185,10 +185,15 @@ class MNISTLitModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}
 
 
+def correct_and_count(result: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """How many of how many images an evaluation got right."""
+    count = int(result["count"])
+    return round(float(result["acc"]) * count), count
+
+
 def format_eval(split: str, result: dict[str, torch.Tensor]) -> str:
     """'val 5910/6000 (98.50%)', the original project's way of reporting an evaluation."""
     if not result:
         return f"{split} -"
-    count = int(result["count"])
-    correct = round(float(result["acc"]) * count)
+    correct, count = correct_and_count(result)
     return f"{split} {correct}/{count} ({100 * correct / count:.2f}%)"

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mnist_lit.data import DATASETS, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
-from mnist_lit.module import MNISTLitModule, format_eval
+from mnist_lit.module import MNISTLitModule, correct_and_count, format_eval
 from mnist_lit.net import NETS
 from mnist_lit.recipes import FULL_STAGE, FULL_STAGE_EPOCHS, RECIPES, SEED
 
@@ -394,14 +394,15 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         wall = time.perf_counter() - start
         summary = format_eval(model.eval_split, result)
         log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
+    correct, count = correct_and_count(result)
     results = {
         "stage": args.stage,
         "run_dir": str(run_dir),
         "ckpt_from": str(ckpt_path) if ckpt_path else None,
         "epoch": trainer.current_epoch,
         "split": model.eval_split,
-        "correct": round(float(result["acc"]) * int(result["count"])),
-        "count": int(result["count"]),
+        "correct": correct,
+        "count": count,
         "acc": float(result["acc"]),
         "loss": float(result["loss"]),
         "processes": trainer.world_size,
