@@ -62,6 +62,9 @@ RECIPES = {
     },
 }
 
+# Settings that only the data module takes; all others (seed and dataset too) go to the LightningModule.
+DATA_ONLY = ("batch_size", "eval_batch_size", "val_fraction")
+
 # The full stage: all 60k images, a fresh optimizer at a small constant lr (the original's 1e-4), 20 epochs.
 FULL_STAGE = {"lr": 1e-4, "schedule": "multistep", "milestones": []}
 FULL_STAGE_EPOCHS = 20

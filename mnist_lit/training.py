@@ -33,7 +33,7 @@ from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.module import MNISTLitModule, correct_and_count, format_eval
 from mnist_lit.net import NETS
-from mnist_lit.recipes import FULL_STAGE, FULL_STAGE_EPOCHS, RECIPES, SEED
+from mnist_lit.recipes import DATA_ONLY, FULL_STAGE, FULL_STAGE_EPOCHS, RECIPES, SEED
 
 log = logging.getLogger("mnist_lit")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -359,10 +359,8 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         data_dir=args.data_dir,
         dataset=settings["dataset"],
         stage=args.stage,
-        val_fraction=settings["val_fraction"],
         seed=settings["seed"],
-        batch_size=settings["batch_size"],
-        eval_batch_size=settings["eval_batch_size"],
+        **{key: settings[key] for key in DATA_ONLY},
     )
     # Only rank 0 makes the run directory; Lightning broadcasts its checkpoint folder to the other ranks.
     run_dir = None
@@ -377,12 +375,10 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         how = "resuming" if resume else "from" if ckpt else "new run"
         log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
         pl.seed_everything(settings["seed"], verbose=False)
-        data_keys = ("batch_size", "eval_batch_size", "val_fraction", "dataset", "epochs")
         model = MNISTLitModule(
-            **{k: v for k, v in settings.items() if k not in data_keys},
+            **{k: v for k, v in settings.items() if k not in DATA_ONLY and k != "epochs"},  # epochs: this run's
             stage=args.stage,
             epochs=epochs,
-            dataset=settings["dataset"],
         )
         trainer = build_trainer(
             args, run_dir, epochs, fresh_optimizer=ckpt is not None and not resume, ema_decay=settings["ema_decay"]

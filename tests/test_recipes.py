@@ -15,16 +15,15 @@ from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import SlimNet
-from mnist_lit.recipes import RECIPES
+from mnist_lit.recipes import DATA_ONLY, RECIPES
 from mnist_lit.training import choose_settings, main, parse_args
 
 HERE = Path(__file__).resolve().parent
-DATA_KEYS = ("batch_size", "eval_batch_size", "val_fraction", "seed", "epochs")
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_builds_and_a_training_step_lowers_the_loss(recipe):
-    settings = {k: v for k, v in RECIPES[recipe].items() if k not in DATA_KEYS}
+    settings = {k: v for k, v in RECIPES[recipe].items() if k not in DATA_ONLY}
     torch.manual_seed(0)
     model = MNISTLitModule(**{**settings, "schedule": "multistep"})  # onecycle needs a trainer: tested below
     optimizer = model.configure_optimizers()["optimizer"]
