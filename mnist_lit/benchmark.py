@@ -1,18 +1,25 @@
-"""Is Lightning's structure free? Time three pipelines of the same training, interleaved, in one run.
+"""Is Lightning's structure free? Time the same training several ways, interleaved, in one run.
 
 1. ``plain``: a plain PyTorch loop over in-memory tensors (the reference, written out below);
 2. ``ours``: this project, exactly as ``scripts/train.py --quiet`` runs it (DataModule + LightningModule +
    Trainer, checkpoints, TensorBoard, run directory and all);
 3. ``obvious``: the usual Lightning tutorial setup: torchvision ``datasets.MNIST`` with ``ToTensor`` and
-   ``Normalize``, ``random_split``, a ``DataLoader``, per-step ``self.log``, a default ``Trainer``.
+   ``Normalize``, ``random_split``, a ``DataLoader``, per-step ``self.log``, a default ``Trainer``;
+and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the
+plain loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
 
 Same net (LeNet), batch 64, SGD (lr 0.01, momentum 0.5), same number of epochs, each epoch = 54k training
-images + 6k validation images. Every measurement runs in a fresh process (so peak RSS is its own) and times
-everything after the imports: reading the data, building the model, training, validating. The variants take
-turns round by round, and the median of the rounds is reported, with the ratio to ``plain``.
+images + 6k validation images. With ``--protocol`` each measurement is the whole two-stage protocol instead
+(``scripts/run_all.sh``: EPOCHS initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs
+on all 60k at lr 1e-4 from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a
+fresh process (so peak RSS is its own) and times everything after the imports: reading the data, building the
+model, training, evaluating. The variants take turns round by round; the median of the rounds is reported,
+with the ratio to ``plain``.
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import resource
@@ -27,51 +34,75 @@ import torch
 import torch.nn.functional as F
 
 from mnist_lit.data import load_split, normalize, pixel_stats, raw_dir, split_indices
-from mnist_lit.errors import ArgumentParser, exit_code
+from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.net import LeNet
+from mnist_lit.recipes import FULL_STAGE, SEED
 
-VARIANTS = ("plain", "ours", "obvious")
 BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
+SPEED_OPTIONS = ["--precision", "bf16-mixed", "--channels-last"]
 
 
-def plain(data_dir: str, epochs: int) -> float:
-    """The reference: a plain PyTorch loop. Returns the last validation accuracy."""
+def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, compiled: bool = False) -> float:
+    """The reference: a plain PyTorch loop. Returns the last evaluation's accuracy."""
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
     mean, std = pixel_stats(images)
     train_idx, val_idx = split_indices(len(labels), 0.1, seed=0)
-    train_x, train_y, val_x, val_y = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+    # (training images, labels, evaluation images, labels, lr, milestones) of each stage
+    stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], LR, [epochs + 1])]
+    if protocol:
+        stages[0] = (*stages[0][:5], SEED["milestones"])
+        stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), FULL_STAGE["lr"], []))
     net = LeNet()
-    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
-        for idx in order.split(BATCH):
-            optimizer.zero_grad()
-            F.nll_loss(net(normalize(train_x[idx], mean, std)), train_y[idx]).backward()
-            optimizer.step()
-        net.eval()
-        with torch.no_grad():
-            correct = sum(
-                int((net(normalize(x, mean, std)).argmax(1) == y).sum())
-                for x, y in zip(val_x.split(EVAL_BATCH), val_y.split(EVAL_BATCH))
-            )
-    return correct / len(val_y)
+    if bf16_cl:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if compiled else net
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, mean, std)
+        if bf16_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16_cl else contextlib.nullcontext():
+            return model(x).float()
+
+    for train_x, train_y, eval_x, eval_y, lr, milestones in stages:
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM)  # fresh in each stage
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+        for epoch in range(epochs):
+            net.train()
+            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
+            for idx in order.split(BATCH):
+                optimizer.zero_grad()
+                F.nll_loss(forward(train_x[idx]), train_y[idx]).backward()
+                optimizer.step()
+            scheduler.step()
+            net.eval()
+            with torch.no_grad():
+                correct = sum(
+                    int((forward(x).argmax(1) == y).sum())
+                    for x, y in zip(eval_x.split(EVAL_BATCH), eval_y.split(EVAL_BATCH))
+                )
+    return correct / len(eval_y)
 
 
-def ours(data_dir: str, epochs: int) -> float:
-    """This project's pipeline, as scripts/train.py runs it."""
+def ours(data_dir: str, epochs: int, protocol: bool, options: tuple[str, ...] = ()) -> float:
+    """This project's pipeline, as scripts/train.py (and, with ``protocol``, scripts/run_all.sh) runs it."""
     from mnist_lit.training import main
 
     with tempfile.TemporaryDirectory() as save_dir:
-        argv = ["--data-dir", data_dir, "--save-dir", save_dir, "--epochs", str(epochs), "--quiet"]
-        argv += ["--milestones", str(epochs + 1)]  # one lr throughout, as in the other two variants
-        if main(argv) != 0:
-            raise SystemExit("training failed")
-        return json.loads(next(Path(save_dir).glob("initial/version_0/results.json")).read_text())["acc"]
+        common = ["--data-dir", data_dir, "--save-dir", save_dir, "--quiet"]
+        initial = [*common, "--epochs", str(epochs), *options]
+        if not protocol:
+            initial += ["--milestones", str(epochs + 1)]  # one lr throughout, as in the other variants
+        if main(initial) != 0:
+            raise UserError("training failed")
+        if protocol and main([*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", str(2 * epochs)]) != 0:
+            raise UserError("full stage failed")
+        stage = "full" if protocol else "initial"
+        return json.loads(next(Path(save_dir).glob(f"{stage}/version_0/results.json")).read_text())["acc"]
 
 
-def obvious(data_dir: str, epochs: int) -> float:
+def tutorial(data_dir: str, epochs: int) -> float:
     """The usual tutorial: torchvision dataset, transforms, DataLoader, per-step logging, default Trainer."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, random_split
@@ -103,7 +134,7 @@ def obvious(data_dir: str, epochs: int) -> float:
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     full = datasets.MNIST(data_dir, train=True, transform=transform)
-    train_set, val_set = random_split(full, [54000, 6000], generator=torch.Generator().manual_seed(0))
+    train_set, val_set = random_split(full, [0.9, 0.1], generator=torch.Generator().manual_seed(0))
     module = TutorialModule()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(max_epochs=epochs, default_root_dir=root, enable_progress_bar=False)
@@ -111,46 +142,66 @@ def obvious(data_dir: str, epochs: int) -> float:
     return float(trainer.callback_metrics["val_acc"])
 
 
-def measure(variant: str, data_dir: str, epochs: int) -> dict:
+def obvious(data_dir: str, epochs: int, protocol: bool) -> float:
+    if protocol:
+        raise UserError("the obvious setup has no --protocol mode (it is the one-stage tutorial)")
+    return tutorial(data_dir, epochs)
+
+
+VARIANTS = {
+    "plain": plain,
+    "ours": ours,
+    "obvious": obvious,
+    "ours_bf16_cl": functools.partial(ours, options=tuple(SPEED_OPTIONS)),
+    "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
+    "plain_compiled": functools.partial(plain, compiled=True),
+}
+
+
+def measure(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
     """Run one variant in this process; wall time after the imports, peak RSS of the process."""
     start = time.perf_counter()
-    accuracy = {"plain": plain, "ours": ours, "obvious": obvious}[variant](data_dir, epochs)
+    accuracy = VARIANTS[variant](data_dir, epochs, protocol)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"variant": variant, "seconds": seconds, "val_acc": accuracy, "peak_rss_mb": peak_rss_mb}
+    return {"variant": variant, "seconds": seconds, "acc": accuracy, "peak_rss_mb": peak_rss_mb}
 
 
-def run_child(variant: str, data_dir: str, epochs: int) -> dict:
+def run_child(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
     cmd = [sys.executable, "-m", "mnist_lit.benchmark", "--child", variant, "--data-dir", data_dir]
-    proc = subprocess.run([*cmd, "--epochs", str(epochs)], capture_output=True, text=True)
+    cmd += ["--epochs", str(epochs)] + (["--protocol"] if protocol else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        last_line = (proc.stderr.strip().splitlines() or ["(no error output)"])[-1]
+        raise UserError(f"{variant} failed: {last_line}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out: str) -> dict:
-    samples = epochs * (54000 + 6000)
+def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool) -> dict:
+    if protocol and "obvious" in variants:
+        raise UserError("the obvious setup has no --protocol mode: leave it out of --variants")
+    # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k
+    samples = epochs * (54000 + 6000) + (epochs * (60000 + 10000) if protocol else 0)
+    epoch_count = 2 * epochs if protocol else epochs
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(1, rounds + 1):
         for variant in variants:  # interleaved: a slow spell of the machine hits every variant alike
-            result = run_child(variant, data_dir, epochs)
+            result = run_child(variant, data_dir, epochs, protocol)
             runs[variant].append(result)
             print(
-                f"round {round_} {variant:8s} {result['seconds']:7.2f} s  val acc {result['val_acc']:.4f}  "
+                f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
                 f"peak RSS {result['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
     summary = {}
     reference = statistics.median(r["seconds"] for r in runs["plain"]) if "plain" in runs else None
-    print(
-        f"\nmedian of {rounds} rounds, {epochs} epoch(s) of 54k train + 6k val, torch threads "
-        f"{torch.get_num_threads()}:"
-    )
+    what = f"{epochs} + {epochs} epochs of the two-stage protocol" if protocol else f"{epochs} epoch(s)"
+    print(f"\nmedian of {rounds} rounds, {what}, torch threads {torch.get_num_threads()}:")
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         summary[variant] = {
             "seconds": seconds,
-            "seconds_per_epoch": seconds / epochs,
+            "seconds_per_epoch": seconds / epoch_count,
             "samples_per_s": samples / seconds,
             "ratio_to_plain": seconds / reference if reference else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
@@ -158,11 +209,12 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
         }
         ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
         print(
-            f"  {variant:8s} {seconds / epochs:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
+            f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
             f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MB"
         )
     report = {
         "epochs": epochs,
+        "protocol": protocol,
         "rounds": rounds,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -177,18 +229,24 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="holds MNIST/raw/")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs (with --protocol: of each stage; 20 as in it)")
+    parser.add_argument("--protocol", action="store_true", help="time the whole two-stage protocol")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, help="default: plain ours obvious (--protocol: plain ours)"
+    )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one measurement
 
     def body():
         args = parser.parse_args(argv)
         if args.child:  # one measurement, in its own process
-            print(json.dumps(measure(args.child, args.data_dir, args.epochs)))
+            print(json.dumps(measure(args.child, args.data_dir, args.epochs, args.protocol)))
             return 0
-        benchmark(args.data_dir, args.epochs, args.rounds, args.variants, args.out)
+        if args.epochs < 1 or args.rounds < 1:
+            raise UserError("--epochs and --rounds must be >= 1")
+        variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["obvious"])
+        benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol)
         return 0
 
     return exit_code(body)

@@ -46,6 +46,8 @@ class MNISTLitModule(pl.LightningModule):
     optimizer "sgd" (momentum, optional Nesterov) or "adam"; schedule "multistep" (lr x gamma after each
     milestone, counted in epochs from the stage's start) or "onecycle" (per step, peaking at lr).
 
+    ``precision`` is recorded here and applied by the Trainer ("bf16-mixed": Lightning's bfloat16 autocast).
+
     stage "initial" evaluates on the validation split each epoch (logged as ``val/*``); stage "full" trains
     on all training images and evaluates on the test set each epoch (logged as ``test/*``).
     All hyperparameters are plain data, saved in every checkpoint.
@@ -69,6 +71,8 @@ class MNISTLitModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         augment: bool = False,
         ema_decay: float = 0.0,
+        channels_last: bool = False,
+        precision: str = "32-true",
         seed: int = 0,
     ):
         super().__init__()
@@ -77,6 +81,8 @@ class MNISTLitModule(pl.LightningModule):
         self.save_hyperparameters()
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
         self.net = build_net(net, NUM_CLASSES)
+        if channels_last:  # NHWC: oneDNN's faster convolution layout on CPUs (measured in scripts/benchmark.py)
+            self.net.to(memory_format=torch.channels_last)
         # The training images' pixel mean and std, taken from the data module at setup: saved with the
         # weights, so the model can be used (predict, export) without the data.
         self.register_buffer("pixel_stats", torch.tensor([MEAN, STD], dtype=torch.float64))
@@ -105,7 +111,9 @@ class MNISTLitModule(pl.LightningModule):
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, targets = batch
-        log_probs = self.net(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        log_probs = self.net(images).float()  # float32 for the loss and metrics, also under bf16 autocast
         # Label smoothing is a training device: evaluation reports the plain negative log-likelihood.
         loss = nll_loss(log_probs, targets, self.hparams.label_smoothing if split == "train" else 0.0)
         # No self.log here: epoch-level metrics only, so no per-step host sync or logging overhead.

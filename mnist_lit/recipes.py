@@ -18,6 +18,8 @@ SEED = {
     "label_smoothing": 0.0,
     "augment": False,  # random affine (rotation, shift, scale) of each training batch
     "ema_decay": 0.0,  # > 0: evaluate and save an exponential moving average of the weights
+    "channels_last": False,  # NHWC memory layout for the convolutions
+    "precision": "32-true",  # or "bf16-mixed": bfloat16 autocast (fast where the CPU/GPU has bf16 units)
     "batch_size": 64,
     "eval_batch_size": 1000,
     "val_fraction": 0.1,

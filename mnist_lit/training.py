@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default 0.01; full: 1e-4)")
     p.add_argument("--milestones", type=int, nargs="*", help="epochs of the stage after which lr /= 10 (2 10)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.5)")
+    p.add_argument(
+        "--precision", choices=["32-true", "bf16-mixed"], help="32-true (default) or bf16-mixed (bfloat16 autocast)"
+    )
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC layout for the convolutions (off)"
+    )
     p.add_argument("--batch-size", type=int, help="training batch size, split between DDP processes (64)")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 1000)")
     p.add_argument("--val-fraction", type=float, help="share of the 60k held out in the initial stage (0.1)")
@@ -260,7 +266,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def build_trainer(
-    args: argparse.Namespace, run_dir: Path | None, epochs: int, fresh_optimizer: bool, ema_decay: float = 0.0
+    args: argparse.Namespace,
+    run_dir: Path | None,
+    epochs: int,
+    fresh_optimizer: bool,
+    ema_decay: float = 0.0,
+    precision: str = "32-true",
 ) -> pl.Trainer:
     """The Trainer of a run; ``run_dir`` is None in the other ranks' processes (rank 0 owns the directory)."""
     version = int(run_dir.name[8:]) if run_dir else None
@@ -289,6 +300,7 @@ def build_trainer(
         devices=args.devices,
         strategy=args.strategy,
         num_nodes=args.num_nodes,
+        precision=precision,
         max_epochs=epochs,  # Lightning counts from the checkpoint's epoch, so this is the last epoch's number
         logger=TensorBoardLogger(args.save_dir, name=args.stage, version=version, default_hp_metric=False),
         callbacks=callbacks,
@@ -381,7 +393,12 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
             epochs=epochs,
         )
         trainer = build_trainer(
-            args, run_dir, epochs, fresh_optimizer=ckpt is not None and not resume, ema_decay=settings["ema_decay"]
+            args,
+            run_dir,
+            epochs,
+            fresh_optimizer=ckpt is not None and not resume,
+            ema_decay=settings["ema_decay"],
+            precision=settings["precision"],
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if args.stage == "full":

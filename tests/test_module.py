@@ -63,3 +63,19 @@ def test_hparams_are_plain_data():
     assert hparams["milestones"] == [3, 7]
     plain = (str, int, float, bool, list, type(None))
     assert all(isinstance(v, plain) for v in hparams.values()), hparams
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    torch.manual_seed(0)
+    plain = MNISTLitModule(net="bnnet").eval()
+    nhwc = MNISTLitModule(net="bnnet", channels_last=True).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = batch(8)
+    with torch.no_grad():
+        plain._step((x, y), "val")
+        nhwc._step((x, y), "val")
+        assert torch.allclose(plain(x), nhwc(x), atol=1e-5)
+    assert plain.val_metrics.compute_and_reset()["loss"] == pytest.approx(
+        float(nhwc.val_metrics.compute_and_reset()["loss"]), abs=1e-5
+    )

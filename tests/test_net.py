@@ -29,6 +29,14 @@ def test_lenet_has_the_original_layers():
     assert sum(p.numel() for p in net.parameters()) == 431_080
 
 
+@pytest.mark.parametrize("name", list(NETS))
+def test_every_registered_net_gives_log_probabilities(name):
+    net = build_net(name).eval()
+    out = net(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+    assert torch.allclose(out.exp().sum(dim=1), torch.ones(4), atol=1e-5)
+
+
 def test_registry():
     assert isinstance(build_net("lenet"), NETS["lenet"])
     with pytest.raises(UserError, match="unknown net"):

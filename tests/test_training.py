@@ -275,3 +275,18 @@ def test_script_exit_code_and_single_line(tmp_path):
     assert proc.stderr.splitlines() == [
         "error: --stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)"
     ]
+
+
+def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shared_data_dir, tmp_path):
+    from mnist_lit.training import build_trainer
+
+    common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet"]
+    assert run(*common, "--epochs", "2", "--precision", "bf16-mixed", "--channels-last") == 0
+    hparams = yaml.safe_load((tmp_path / "initial" / "version_0" / "hparams.yaml").read_text())
+    assert (hparams["precision"], hparams["channels_last"]) == ("bf16-mixed", True)
+    assert run(*common, "--ckpt", "last.ckpt", "--epochs", "3", "--precision", "32-true") == 2
+    assert run(*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3") == 0
+    full = yaml.safe_load((tmp_path / "full" / "version_0" / "hparams.yaml").read_text())
+    assert (full["precision"], full["channels_last"]) == ("bf16-mixed", True)
+    trainer = build_trainer(parse_args(["--quiet"]), None, 1, fresh_optimizer=False, precision="bf16-mixed")
+    assert trainer.precision == "bf16-mixed"

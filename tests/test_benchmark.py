@@ -1,0 +1,47 @@
+"""mnist_lit.benchmark: every variant runs in its own process and is reported against the plain loop."""
+
+import json
+
+import pytest
+
+from mnist_lit.benchmark import benchmark, main, measure
+
+
+def check_report(report: dict, variants: list[str]) -> None:
+    assert list(report["variants"]) == variants
+    assert report["variants"]["plain"]["ratio_to_plain"] == 1.0
+    for figures in report["variants"].values():
+        assert figures["ratio_to_plain"] > 0 and figures["samples_per_s"] > 0
+        assert figures["peak_rss_mb"] > 100  # a process that imported torch
+        assert all(0 <= r["acc"] <= 1 for r in figures["rounds"])
+
+
+def test_one_epoch_of_plain_ours_and_the_obvious_setup(shared_data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    variants = ["plain", "ours", "obvious"]
+    report = benchmark(str(shared_data_dir), epochs=1, rounds=1, variants=variants, out=str(out), protocol=False)
+    check_report(report, variants)
+    assert json.loads(out.read_text()) == report
+
+
+def test_protocol_mode_times_both_stages(shared_data_dir, tmp_path):
+    variants = ["plain", "ours"]
+    report = benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), protocol=True)
+    check_report(report, variants)
+    assert report["protocol"] and report["variants"]["ours"]["seconds_per_epoch"] * 2 == pytest.approx(
+        report["variants"]["ours"]["seconds"]
+    )
+
+
+@pytest.mark.parametrize("variant", ["ours_bf16_cl", "plain_bf16_cl"])
+def test_speed_option_variants_run(variant, shared_data_dir):
+    result = measure(variant, str(shared_data_dir), epochs=1, protocol=False)
+    assert result["variant"] == variant and 0 <= result["acc"] <= 1
+
+
+def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
+    base = ["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json")]
+    assert main([*base, "--protocol", "--variants", "plain", "obvious"]) != 0
+    assert main([*base, "--epochs", "0"]) != 0
+    assert "obvious setup has no --protocol mode" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
