@@ -7,9 +7,11 @@ import torch.nn.functional as F
 def nll_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Negative log-likelihood of the targets under the net's log-softmax output, averaged over the batch.
 
-    With ``label_smoothing`` > 0 the target puts that much probability mass evenly on all classes.
-    (cross_entropy applies log_softmax first, which leaves log-probabilities unchanged.)
+    With ``label_smoothing`` > 0 the target puts that much probability mass evenly on all classes (the same
+    value as ``F.cross_entropy(..., label_smoothing=)``). Both are linear in ``log_probs``: the loss of an
+    average of several nets' log-probabilities is the average of their losses (see ``net.MultiColumnNet``).
     """
+    loss = F.nll_loss(log_probs, targets, reduction="mean")
     if label_smoothing:
-        return F.cross_entropy(log_probs, targets, label_smoothing=label_smoothing)
-    return F.nll_loss(log_probs, targets, reduction="mean")
+        loss = (1 - label_smoothing) * loss - label_smoothing * log_probs.mean(dim=1).mean()
+    return loss

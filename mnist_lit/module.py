@@ -70,6 +70,7 @@ class MNISTLitModule(pl.LightningModule):
         schedule: str = "multistep",
         label_smoothing: float = 0.0,
         augment: bool = False,
+        elastic: float = 0.0,
         ema_decay: float = 0.0,
         channels_last: bool = False,
         precision: str = "32-true",
@@ -133,7 +134,7 @@ class MNISTLitModule(pl.LightningModule):
         # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
         generator = seeded_generator(self.hparams.seed, self.global_step, images.device)
         mean, std = self.pixel_stats.tolist()
-        return random_affine(images, generator, background=-mean / std)
+        return random_affine(images, generator, background=-mean / std, elastic=self.hparams.elastic)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.eval_split)

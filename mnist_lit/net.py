@@ -1,5 +1,7 @@
 """The networks: plain torch modules (no Lightning), so they can be exported and reused anywhere."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +57,17 @@ def conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0) -> list[nn.Mod
     return [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
+def bn_classifier(features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """Flatten -> Linear(features, hidden)-BN-ReLU -> Linear(hidden, classes)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(features, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 class BNNet(nn.Module):
     """A BatchNorm CNN for the ``strong`` recipe (~4.8M multiply-adds per image, about twice LeNet's):
     Conv5(32) -> MaxPool2 -> Conv3(64) -> Conv3(64) -> MaxPool2 -> Linear(1024,128)-BN-ReLU -> Linear(128,10)."""
@@ -68,13 +81,7 @@ class BNNet(nn.Module):
             *conv_bn(64, 64, 3),  # -> 8
             nn.MaxPool2d(2),  # -> 4
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64 * 4 * 4, 128, bias=False),
-            nn.BatchNorm1d(128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
+        self.classifier = bn_classifier(64 * 4 * 4, 128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
@@ -96,20 +103,36 @@ class WideNet(nn.Module):
             *conv_bn(2 * width, 2 * width, 3),  # -> 8
             nn.MaxPool2d(2),  # -> 4
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(2 * width * 4 * 4, 256, bias=False),
-            nn.BatchNorm1d(256),
-            nn.ReLU(),
-            nn.Linear(256, num_classes),
-        )
+        self.classifier = bn_classifier(2 * width * 4 * 4, 256, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
 
 
+class MultiColumnNet(nn.Module):
+    """Several WideNets ("columns", after Ciresan et al.'s multi-column nets) that see the same images; the
+    output is the average of their log-probabilities, renormalised in eval mode (the normalised geometric mean
+    of the columns' probabilities). In training mode it is not renormalised: the negative log-likelihood of an
+    average of log-probabilities is the average of the columns' own losses, so each column learns on its own,
+    from its own random start, and they err differently: an ensemble trained in one run."""
+
+    def __init__(self, num_classes: int = 10, columns: int = 2, width: int = 48):
+        super().__init__()
+        self.columns = nn.ModuleList(WideNet(num_classes, width) for _ in range(columns))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([column(x) for column in self.columns]).mean(dim=0)
+        return mean if self.training else F.log_softmax(mean, dim=1)
+
+
 # Architecture name (as saved in checkpoints) -> class. New architectures join here.
-NETS = {"lenet": LeNet, "slim": SlimNet, "bnnet": BNNet, "wide": WideNet}
+NETS = {
+    "lenet": LeNet,
+    "slim": SlimNet,
+    "bnnet": BNNet,
+    "wide": WideNet,
+    "wide_x2": functools.partial(MultiColumnNet, columns=2),
+}
 
 
 def build_net(name: str, num_classes: int = 10) -> nn.Module:
