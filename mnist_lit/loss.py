@@ -8,8 +8,7 @@ def nll_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: fl
     """Negative log-likelihood of the targets under the net's log-softmax output, averaged over the batch.
 
     With ``label_smoothing`` > 0 the target puts that much probability mass evenly on all classes (the same
-    value as ``F.cross_entropy(..., label_smoothing=)``). Both are linear in ``log_probs``: the loss of an
-    average of several nets' log-probabilities is the average of their losses (see ``net.MultiColumnNet``).
+    value as ``F.cross_entropy(..., label_smoothing=)``, without its extra log_softmax).
     """
     loss = F.nll_loss(log_probs, targets, reduction="mean")
     if label_smoothing:

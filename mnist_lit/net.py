@@ -1,7 +1,5 @@
 """The networks: plain torch modules (no Lightning), so they can be exported and reused anywhere."""
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,29 +107,12 @@ class WideNet(nn.Module):
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
 
 
-class MultiColumnNet(nn.Module):
-    """Several WideNets ("columns", after Ciresan et al.'s multi-column nets) that see the same images; the
-    output is the average of their log-probabilities, renormalised in eval mode (the normalised geometric mean
-    of the columns' probabilities). In training mode it is not renormalised: the negative log-likelihood of an
-    average of log-probabilities is the average of the columns' own losses, so each column learns on its own,
-    from its own random start, and they err differently: an ensemble trained in one run."""
-
-    def __init__(self, num_classes: int = 10, columns: int = 2, width: int = 48):
-        super().__init__()
-        self.columns = nn.ModuleList(WideNet(num_classes, width) for _ in range(columns))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.stack([column(x) for column in self.columns]).mean(dim=0)
-        return mean if self.training else F.log_softmax(mean, dim=1)
-
-
 # Architecture name (as saved in checkpoints) -> class. New architectures join here.
 NETS = {
     "lenet": LeNet,
     "slim": SlimNet,
     "bnnet": BNNet,
     "wide": WideNet,
-    "wide_x2": functools.partial(MultiColumnNet, columns=2),
 }
 
 

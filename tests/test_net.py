@@ -41,19 +41,3 @@ def test_registry():
     assert isinstance(build_net("lenet"), NETS["lenet"])
     with pytest.raises(UserError, match="unknown net"):
         build_net("resnet9000")
-
-
-def test_multi_column_net_columns_learn_on_their_own():
-    """In training mode the loss is the columns' mean loss: each column's gradient is its own loss's / K."""
-    from mnist_lit.loss import nll_loss
-
-    torch.manual_seed(0)
-    net = build_net("wide_x2").train()
-    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    nll_loss(net(x), y, 0.1).backward()
-    joint = [p.grad.clone() for p in net.columns[0].parameters()]
-    net.zero_grad()
-    (nll_loss(net.columns[0](x), y, 0.1) / 2).backward()
-    alone = [p.grad for p in net.columns[0].parameters()]
-    assert all(torch.allclose(j, a, atol=1e-6) for j, a in zip(joint, alone))
-    assert not torch.allclose(net.columns[0].features[0].weight, net.columns[1].features[0].weight)
