@@ -190,7 +190,7 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
             runs[variant].append(result)
             print(
                 f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
-                f"peak RSS {result['peak_rss_mb']:.0f} MB",
+                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     summary = {}
@@ -210,7 +210,7 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
         ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
         print(
             f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
-            f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MB"
+            f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"
         )
     report = {
         "epochs": epochs,
