@@ -39,7 +39,7 @@ from mnist_lit.net import LeNet
 from mnist_lit.recipes import FULL_STAGE, SEED
 
 BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
-SPEED_OPTIONS = ["--precision", "bf16-mixed", "--channels-last"]
+SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
 
 
 def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, compiled: bool = False) -> float:
@@ -48,10 +48,10 @@ def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, com
     images, labels = load_split(raw_dir(data_dir), "train")
     mean, std = pixel_stats(images)
     train_idx, val_idx = split_indices(len(labels), 0.1, seed=0)
+    initial_milestones = SEED["milestones"] if protocol else [epochs + 1]  # one lr throughout, unless the protocol's
     # (training images, labels, evaluation images, labels, lr, milestones) of each stage
-    stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], LR, [epochs + 1])]
+    stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], LR, initial_milestones)]
     if protocol:
-        stages[0] = (*stages[0][:5], SEED["milestones"])
         stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), FULL_STAGE["lr"], []))
     net = LeNet()
     if bf16_cl:
@@ -152,7 +152,7 @@ VARIANTS = {
     "plain": plain,
     "ours": ours,
     "obvious": obvious,
-    "ours_bf16_cl": functools.partial(ours, options=tuple(SPEED_OPTIONS)),
+    "ours_bf16_cl": functools.partial(ours, options=SPEED_OPTIONS),
     "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
     "plain_compiled": functools.partial(plain, compiled=True),
 }
