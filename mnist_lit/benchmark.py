@@ -37,6 +37,7 @@ from mnist_lit.data import load_split, normalize, pixel_stats, raw_dir, split_in
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.net import LeNet
 from mnist_lit.recipes import FULL_STAGE, SEED
+from mnist_lit.training import keep_freed_memory
 
 BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
@@ -160,6 +161,7 @@ VARIANTS = {
 
 def measure(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
     """Run one variant in this process; wall time after the imports, peak RSS of the process."""
+    keep_freed_memory()  # as train.py does: every variant runs under the same malloc settings
     start = time.perf_counter()
     accuracy = VARIANTS[variant](data_dir, epochs, protocol)
     seconds = time.perf_counter() - start

@@ -23,10 +23,18 @@ class LeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: normalised images, shape (batch, 1, 28, 28)."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        # Pooled before the ReLU: the same result (max and ReLU commute), the ReLU on 4x fewer values.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.fc1(x.flatten(1)))
         return F.log_softmax(self.fc2(x), dim=1)
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0, pool: bool = False) -> list[nn.Module]:
+    """Conv (no bias: BN brings its own) -> BN -> ReLU, with ``pool`` a 2x2 max-pool before the ReLU: the same
+    result as after it (max and ReLU commute) with the ReLU on 4x fewer values (WideNet's step ~10 % faster)."""
+    layers = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False), nn.BatchNorm2d(c_out)]
+    return [*layers, nn.MaxPool2d(2), nn.ReLU()] if pool else [*layers, nn.ReLU()]
 
 
 class SlimNet(nn.Module):
@@ -36,23 +44,13 @@ class SlimNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, kernel_size=5, bias=False),  # 28 -> 24, pooled to 12; BN brings its own bias
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, kernel_size=5, bias=False),  # 12 -> 8, pooled to 4
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *conv_bn(1, 16, 5, pool=True),  # 28 -> 24, pooled to 12
+            *conv_bn(16, 32, 5, pool=True),  # 12 -> 8, pooled to 4
         )
         self.classifier = nn.Linear(32 * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.classifier(self.features(x).flatten(1)), dim=1)
-
-
-def conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 def bn_classifier(features: int, hidden: int, num_classes: int) -> nn.Sequential:
@@ -73,11 +71,9 @@ class BNNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn(1, 32, 5),  # 28 -> 24
-            nn.MaxPool2d(2),  # -> 12
+            *conv_bn(1, 32, 5, pool=True),  # 28 -> 24, pooled to 12
             *conv_bn(32, 64, 3),  # -> 10
-            *conv_bn(64, 64, 3),  # -> 8
-            nn.MaxPool2d(2),  # -> 4
+            *conv_bn(64, 64, 3, pool=True),  # -> 8, pooled to 4
         )
         self.classifier = bn_classifier(64 * 4 * 4, 128, num_classes)
 
@@ -86,20 +82,18 @@ class BNNet(nn.Module):
 
 
 class WideNet(nn.Module):
-    """A wider, deeper BatchNorm CNN for the ``strong`` recipe (~21M multiply-adds per image; affordable on a
-    CPU with bfloat16 units under bf16 autocast and channels_last):
-    Conv5(48) -> MaxPool2 -> Conv3(96, padded) -> Conv3(96) -> Conv3(96) -> MaxPool2 -> Linear(1536,256)-BN-ReLU
-    -> Linear(256,10)."""
+    """A wider, deeper BatchNorm CNN for the ``strong`` recipe (898k parameters, ~36M multiply-adds per image;
+    affordable on a CPU with bfloat16 units under bf16 autocast and channels_last):
+    Conv5(64) -> MaxPool2 -> Conv3(128, padded) -> Conv3(128) -> Conv3(128) -> MaxPool2
+    -> Linear(2048,256)-BN-ReLU -> Linear(256,10)."""
 
-    def __init__(self, num_classes: int = 10, width: int = 48):
+    def __init__(self, num_classes: int = 10, width: int = 64):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn(1, width, 5),  # 28 -> 24
-            nn.MaxPool2d(2),  # -> 12
+            *conv_bn(1, width, 5, pool=True),  # 28 -> 24, pooled to 12
             *conv_bn(width, 2 * width, 3, padding=1),  # -> 12
             *conv_bn(2 * width, 2 * width, 3),  # -> 10
-            *conv_bn(2 * width, 2 * width, 3),  # -> 8
-            nn.MaxPool2d(2),  # -> 4
+            *conv_bn(2 * width, 2 * width, 3, pool=True),  # -> 8, pooled to 4
         )
         self.classifier = bn_classifier(2 * width * 4 * 4, 256, num_classes)
 

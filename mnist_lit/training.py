@@ -11,6 +11,7 @@ Each invocation writes into a new ``<save-dir>/<stage>/version_N`` and never tou
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -426,7 +427,25 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     return results
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    By default glibc returns large freed blocks (a step's activations) to the OS and page-faults fresh zeroed
+    pages back in on the next step. How often depends on its adaptive thresholds: measured on the 2-core CPU,
+    the same LeNet epoch took 0.6-1.7 million page faults and 9.0-11.5 s from run to run; with these two
+    settings ~0.4 million and 9.0-9.5 s, steadily. Peak RSS does not change (memory is reused, not added).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # blocks below 32 MiB (glibc's maximum) come from the heap
+    libc.mallopt(m_trim_threshold, 1 << 30)  # and freed heap memory is not given back below 1 GiB
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line of scripts/train.py: errors meant for the user become one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     return exit_code(lambda: train(parse_args(argv), command=shlex.join(["python", "scripts/train.py", *argv])))

@@ -4,7 +4,10 @@ import gzip
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lit.data import FILES, raw_dir
 
@@ -27,6 +30,30 @@ def digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         row, col = 2 + 5 * (label // 5) * 2, 2 + 5 * (label % 5)
         images[i, row : row + 6, col : col + 6] = 255
     return images, labels
+
+
+def loss_before_and_after_one_step(model, batch, precision="32-true") -> tuple[float, float]:
+    """The model's training-mode loss on ``batch`` before and after one step of training_step, run by a
+    minimal Trainer (the module optimizes manually, through the Trainer's optimizer)."""
+
+    def loss() -> float:
+        model.train()
+        with torch.no_grad():
+            return F.nll_loss(model(batch[0]), batch[1]).item()
+
+    before = loss()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(*batch), batch_size=len(batch[1])))
+    assert trainer.global_step == 1
+    return before, loss()
 
 
 def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool = False, dataset="mnist") -> Path:

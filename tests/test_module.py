@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import digits
+from conftest import digits, loss_before_and_after_one_step
 
 from mnist_lit.data import normalize
 from mnist_lit.module import MNISTLitModule, SplitMetrics, format_eval
@@ -15,15 +15,8 @@ def batch(n=64, seed=0):
 
 def test_one_training_step_lowers_the_loss():
     torch.manual_seed(0)
-    model = MNISTLitModule(lr=0.05)
-    optimizer = model.configure_optimizers()["optimizer"]
-    x, y = batch()
-    before = model.training_step((x, y), 0)
-    before.backward()
-    optimizer.step()
-    with torch.no_grad():
-        after = model.training_step((x, y), 0)
-    assert after.item() < before.item()
+    before, after = loss_before_and_after_one_step(MNISTLitModule(lr=0.05), batch())
+    assert after < before
 
 
 def lrs_per_epoch(milestones, epochs=20):
@@ -55,7 +48,18 @@ def test_split_metrics_weigh_every_sample_equally():
     result = metrics.compute_and_reset()
     assert result["loss"].item() == pytest.approx(2.0)
     assert result["acc"].item() == pytest.approx(0.75) and result["count"].item() == 4
-    assert format_eval("val", result) == "val 3/4 (75.00%)"
+    assert format_eval("val", result) == "val 3/4 (75.00%)" and result["first_bad"] == -1
+    assert metrics.pending == []  # reset: the next epoch starts empty
+
+
+def test_split_metrics_find_the_first_non_finite_loss():
+    metrics = SplitMetrics(num_classes=3)
+    losses = [1.0] * (SplitMetrics.FLUSH_EVERY + 2) + [float("inf"), float("nan")]  # found after a flush too
+    for loss in losses:
+        metrics.update(torch.eye(3).log(), torch.tensor([0, 1, 2]), torch.tensor(loss))
+    result = metrics.compute_and_reset()
+    assert result["first_bad"] == SplitMetrics.FLUSH_EVERY + 2 and result["steps"] == len(losses)
+    assert result["loss"].isnan() and result["count"].item() == 3 * len(losses)
 
 
 def test_hparams_are_plain_data():
