@@ -230,11 +230,12 @@ class MNISTLitModule(pl.LightningModule):
         if hp.schedule == "onecycle":  # warm up to lr, then anneal to ~0 over the stage's remaining steps
             steps = self.trainer.estimated_stepping_batches
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps)
+            interval = "step"
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, hp.milestones, hp.gamma)
+            interval = "epoch"
         # training_step and on_train_epoch_end step the scheduler; Lightning saves and restores its state, and
         # LearningRateMonitor reads "interval" to know when to log the lr.
-        interval = "step" if hp.schedule == "onecycle" else "epoch"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
 
 

@@ -432,8 +432,9 @@ def keep_freed_memory() -> None:
 
     By default glibc returns large freed blocks (a step's activations) to the OS and page-faults fresh zeroed
     pages back in on the next step. How often depends on its adaptive thresholds: measured on the 2-core CPU,
-    the same LeNet epoch took 0.6-1.7 million page faults and 9.0-11.5 s from run to run; with these two
-    settings ~0.4 million and 9.0-9.5 s, steadily. Peak RSS does not change (memory is reused, not added).
+    the plain loop's LeNet epoch took 0.75-2.1 million page faults and 10.1-11.5 s from run to run; with these
+    two settings 0.36 million and 9.0-9.5 s (4 runs each; README, Speed). The README's peak RSS figures are
+    measured with these settings.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
