@@ -5,16 +5,18 @@
    Trainer, checkpoints, TensorBoard, run directory and all);
 3. ``obvious``: the usual Lightning tutorial setup: torchvision ``datasets.MNIST`` with ``ToTensor`` and
    ``Normalize``, ``random_split``, a ``DataLoader``, per-step ``self.log``, a default ``Trainer``;
-and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the
-plain loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
+4. ``bare``: the floor of Lightning's own cost: the plain loop's step as a LightningModule's training_step, under
+   a Trainer with checkpoints, logging, progress bar and model summary off;
+and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the plain
+loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
 
 Same net (LeNet), batch 64, SGD (lr 0.01, momentum 0.5), same number of epochs, each epoch = 54k training
 images + 6k validation images. With ``--protocol`` each measurement is the whole two-stage protocol instead
 (``scripts/run_all.sh``: EPOCHS initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs
 on all 60k at lr 1e-4 from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a
 fresh process (so peak RSS is its own) and times everything after the imports: reading the data, building the
-model, training, evaluating. The variants take turns round by round; the median of the rounds is reported,
-with the ratio to ``plain``.
+model, training, evaluating. The variants take turns round by round (in reverse order every other round); the
+median of the rounds is reported, with the ratio to ``plain``.
 """
 
 import argparse
@@ -103,6 +105,58 @@ def ours(data_dir: str, epochs: int, protocol: bool, options: tuple[str, ...] = 
         return json.loads(next(Path(save_dir).glob(f"{stage}/version_0/results.json")).read_text())["acc"]
 
 
+def bare(data_dir: str, epochs: int, protocol: bool) -> float:
+    """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's (manual) training_step,
+    the same in-memory batches, and a Trainer with checkpoints, logging, progress bar and model summary off."""
+    import pytorch_lightning as pl
+
+    from mnist_lit.data import InMemoryLoader
+
+    if protocol:
+        raise UserError("the bare Lightning loop has no --protocol mode (it has no checkpoints to go on from)")
+
+    class BareModule(pl.LightningModule):
+        def __init__(self, mean: float, std: float):
+            super().__init__()
+            self.net, self.mean, self.std = LeNet(), mean, std
+            self.automatic_optimization = False
+            self.correct = 0
+
+        def training_step(self, batch, batch_idx):
+            images, targets = batch
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(F.nll_loss(self.net(normalize(images, self.mean, self.std)), targets))
+            optimizer.step()
+
+        def on_validation_epoch_start(self):
+            self.correct = 0
+
+        def validation_step(self, batch, batch_idx):
+            images, targets = batch
+            self.correct += int((self.net(normalize(images, self.mean, self.std)).argmax(1) == targets).sum())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    torch.manual_seed(0)
+    images, labels = load_split(raw_dir(data_dir), "train")
+    train_idx, val_idx = split_indices(len(labels), 0.1, seed=0)
+    module = BareModule(*pixel_stats(images))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    train = InMemoryLoader(images[train_idx], labels[train_idx], BATCH, shuffle=True)
+    val = InMemoryLoader(images[val_idx], labels[val_idx], EVAL_BATCH, shuffle=False)
+    trainer.fit(module, train, val)
+    return module.correct / len(val_idx)
+
+
 def tutorial(data_dir: str, epochs: int) -> float:
     """The usual tutorial: torchvision dataset, transforms, DataLoader, per-step logging, default Trainer."""
     import pytorch_lightning as pl
@@ -153,6 +207,7 @@ VARIANTS = {
     "plain": plain,
     "ours": ours,
     "obvious": obvious,
+    "bare": bare,
     "ours_bf16_cl": functools.partial(ours, options=SPEED_OPTIONS),
     "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
     "plain_compiled": functools.partial(plain, compiled=True),
@@ -180,14 +235,16 @@ def run_child(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
 
 
 def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool) -> dict:
-    if protocol and "obvious" in variants:
-        raise UserError("the obvious setup has no --protocol mode: leave it out of --variants")
+    if protocol and {"obvious", "bare"} & set(variants):
+        raise UserError("obvious and bare have no --protocol mode: leave them out of --variants")
     # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k
     samples = epochs * (54000 + 6000) + (epochs * (60000 + 10000) if protocol else 0)
     epoch_count = 2 * epochs if protocol else epochs
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(1, rounds + 1):
-        for variant in variants:  # interleaved: a slow spell of the machine hits every variant alike
+        # Interleaved, in reverse order every other round: a slow spell or a drift of the machine's speed hits
+        # every variant alike.
+        for variant in variants if round_ % 2 else variants[::-1]:
             result = run_child(variant, data_dir, epochs, protocol)
             runs[variant].append(result)
             print(
@@ -235,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", action="store_true", help="time the whole two-stage protocol")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, help="default: plain ours obvious (--protocol: plain ours)"
+        "--variants", nargs="+", choices=VARIANTS, help="default: plain ours bare obvious (--protocol: plain ours)"
     )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one measurement
@@ -247,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.epochs < 1 or args.rounds < 1:
             raise UserError("--epochs and --rounds must be >= 1")
-        variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["obvious"])
+        variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "obvious"])
         benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol)
         return 0
 

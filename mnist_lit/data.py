@@ -6,6 +6,7 @@ whole tensors on the Trainer's device, in ``on_after_batch_transfer``.
 """
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -283,23 +284,28 @@ class MNISTDataModule(pl.LightningDataModule):
         if stage not in ("initial", "full"):
             raise UserError(f"unknown stage {stage!r}: use 'initial' or 'full'")
         self.save_hyperparameters()
-        self.train_set = self.val_set = self.test_set = None
+        self.train_set = self.val_set = None
         self.mean, self.std = MEAN, STD
 
     @property
     def classes(self) -> tuple[str, ...]:
         return dataset_spec(self.hparams.dataset).classes
 
+    @functools.cached_property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 10k test images and labels, read on first use (the initial stage's training never needs them)."""
+        return load_split(raw_dir(self.hparams.data_dir, self.hparams.dataset), "test", self.hparams.dataset)
+
     def prepare_data(self) -> None:
         ensure_raw_files(self.hparams.data_dir, self.hparams.dataset, download=self.hparams.download)
 
     def setup(self, stage: str | None = None) -> None:
-        """Decode the files once (``stage`` is Lightning's fit/validate/test: all splits are made at once)."""
+        """Decode the training file once (``stage`` is Lightning's fit/validate/test: both splits are made at once;
+        the test split is read on first use)."""
         if self.train_set is not None:
             return
         raw = raw_dir(self.hparams.data_dir, self.hparams.dataset)
         train_images, train_labels = load_split(raw, "train", self.hparams.dataset)
-        self.test_set = load_split(raw, "test", self.hparams.dataset)
         self.mean, self.std = pixel_stats(train_images)
         if self.hparams.stage == "initial":
             train_idx, val_idx = split_indices(len(train_labels), self.hparams.val_fraction, self.hparams.seed)

@@ -16,12 +16,15 @@ def check_report(report: dict, variants: list[str]) -> None:
         assert all(0 <= r["acc"] <= 1 for r in figures["rounds"])
 
 
-def test_one_epoch_of_plain_ours_and_the_obvious_setup(shared_data_dir, tmp_path):
+def test_one_epoch_of_plain_ours_bare_and_the_obvious_setup(shared_data_dir, tmp_path):
     out = tmp_path / "bench.json"
-    variants = ["plain", "ours", "obvious"]
-    report = benchmark(str(shared_data_dir), epochs=1, rounds=1, variants=variants, out=str(out), protocol=False)
+    variants = ["plain", "ours", "bare", "obvious"]
+    report = benchmark(str(shared_data_dir), epochs=1, rounds=2, variants=variants, out=str(out), protocol=False)
     check_report(report, variants)
     assert json.loads(out.read_text()) == report
+    # plain, ours and bare make the same steps on the same batches from the same initial weights
+    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in ("plain", "ours", "bare")}
+    assert len(set(accuracies.values())) == 1, accuracies
 
 
 def test_protocol_mode_times_both_stages(shared_data_dir, tmp_path):
@@ -41,7 +44,8 @@ def test_speed_option_variants_run(variant, shared_data_dir):
 
 def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json")]
-    assert main([*base, "--protocol", "--variants", "plain", "obvious"]) != 0
+    assert main([*base, "--protocol", "--variants", "plain", "bare"]) != 0
+    assert "obvious and bare have no --protocol mode" in capsys.readouterr().err
     assert main([*base, "--epochs", "0"]) != 0
-    assert "obvious setup has no --protocol mode" in capsys.readouterr().err
+    assert "--epochs and --rounds must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
