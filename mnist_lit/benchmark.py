@@ -258,15 +258,20 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
     print(f"\nmedian of {rounds} rounds, {what}, torch threads {torch.get_num_threads()}:")
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
+        # Each round's own ratio (against that round's plain loop) shows how much the machine's noise moves it.
+        round_ratios = [r["seconds"] / p["seconds"] for r, p in zip(results, runs["plain"])] if reference else []
         summary[variant] = {
             "seconds": seconds,
             "seconds_per_epoch": seconds / epoch_count,
             "samples_per_s": samples / seconds,
             "ratio_to_plain": seconds / reference if reference else None,
+            "round_ratios": round_ratios,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "rounds": results,
         }
         ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
+        if reference and variant != "plain":
+            ratio += f" (rounds: {min(round_ratios):.3f}-{max(round_ratios):.3f})"
         print(
             f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
             f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"

@@ -14,6 +14,8 @@ def check_report(report: dict, variants: list[str]) -> None:
         assert figures["ratio_to_plain"] > 0 and figures["samples_per_s"] > 0
         assert figures["peak_rss_mb"] > 100  # a process that imported torch
         assert all(0 <= r["acc"] <= 1 for r in figures["rounds"])
+        assert len(figures["round_ratios"]) == len(figures["rounds"]) and all(q > 0 for q in figures["round_ratios"])
+    assert report["variants"]["plain"]["round_ratios"] == [1.0] * report["rounds"]
 
 
 def test_one_epoch_of_plain_ours_bare_and_the_obvious_setup(shared_data_dir, tmp_path):
