@@ -10,7 +10,8 @@
 and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the plain
 loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
 
-Same net (LeNet), batch 64, SGD (lr 0.01, momentum 0.5), same number of epochs, each epoch = 54k training
+Same net (LeNet; ``--net linear``: one Linear layer, so that the times are almost all the code around the
+net), batch 64, SGD (lr 0.01, momentum 0.5), same number of epochs, each epoch = 54k training
 images + 6k validation images. With ``--protocol`` each measurement is the whole two-stage protocol instead
 (``scripts/run_all.sh``: EPOCHS initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs
 on all 60k at lr 1e-4 from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from mnist_lit.data import load_split, normalize, pixel_stats, raw_dir, split_indices
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.net import LeNet
+from mnist_lit.net import NETS
 from mnist_lit.recipes import FULL_STAGE, SEED
 from mnist_lit.training import keep_freed_memory
 
@@ -45,7 +46,7 @@ BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
 
 
-def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, compiled: bool = False) -> float:
+def plain(data_dir: str, epochs: int, protocol: bool, net_name: str, bf16_cl=False, compiled=False) -> float:
     """The reference: a plain PyTorch loop. Returns the last evaluation's accuracy."""
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
@@ -56,7 +57,7 @@ def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, com
     stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], LR, initial_milestones)]
     if protocol:
         stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), FULL_STAGE["lr"], []))
-    net = LeNet()
+    net = NETS[net_name]()
     if bf16_cl:
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if compiled else net
@@ -88,13 +89,13 @@ def plain(data_dir: str, epochs: int, protocol: bool, bf16_cl: bool = False, com
     return correct / len(eval_y)
 
 
-def ours(data_dir: str, epochs: int, protocol: bool, options: tuple[str, ...] = ()) -> float:
+def ours(data_dir: str, epochs: int, protocol: bool, net_name: str, options: tuple[str, ...] = ()) -> float:
     """This project's pipeline, as scripts/train.py (and, with ``protocol``, scripts/run_all.sh) runs it."""
     from mnist_lit.training import main
 
     with tempfile.TemporaryDirectory() as save_dir:
         common = ["--data-dir", data_dir, "--save-dir", save_dir, "--quiet"]
-        initial = [*common, "--epochs", str(epochs), *options]
+        initial = [*common, "--epochs", str(epochs), "--net", net_name, *options]
         if not protocol:
             initial += ["--milestones", str(epochs + 1)]  # one lr throughout, as in the other variants
         if main(initial) != 0:
@@ -105,7 +106,7 @@ def ours(data_dir: str, epochs: int, protocol: bool, options: tuple[str, ...] = 
         return json.loads(next(Path(save_dir).glob(f"{stage}/version_0/results.json")).read_text())["acc"]
 
 
-def bare(data_dir: str, epochs: int, protocol: bool) -> float:
+def bare(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
     """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's (manual) training_step,
     the same in-memory batches, and a Trainer with checkpoints, logging, progress bar and model summary off."""
     import pytorch_lightning as pl
@@ -118,7 +119,7 @@ def bare(data_dir: str, epochs: int, protocol: bool) -> float:
     class BareModule(pl.LightningModule):
         def __init__(self, mean: float, std: float):
             super().__init__()
-            self.net, self.mean, self.std = LeNet(), mean, std
+            self.net, self.mean, self.std = NETS[net_name](), mean, std
             self.automatic_optimization = False
             self.correct = 0
 
@@ -157,7 +158,7 @@ def bare(data_dir: str, epochs: int, protocol: bool) -> float:
     return module.correct / len(val_idx)
 
 
-def tutorial(data_dir: str, epochs: int) -> float:
+def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
     """The usual tutorial: torchvision dataset, transforms, DataLoader, per-step logging, default Trainer."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, random_split
@@ -167,7 +168,7 @@ def tutorial(data_dir: str, epochs: int) -> float:
     class TutorialModule(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = LeNet()
+            self.net = NETS[net_name]()
             self.val_acc = MulticlassAccuracy(10)
 
         def training_step(self, batch, batch_idx):
@@ -197,10 +198,10 @@ def tutorial(data_dir: str, epochs: int) -> float:
     return float(trainer.callback_metrics["val_acc"])
 
 
-def obvious(data_dir: str, epochs: int, protocol: bool) -> float:
+def obvious(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
     if protocol:
         raise UserError("the obvious setup has no --protocol mode (it is the one-stage tutorial)")
-    return tutorial(data_dir, epochs)
+    return tutorial(data_dir, epochs, net_name)
 
 
 VARIANTS = {
@@ -214,18 +215,18 @@ VARIANTS = {
 }
 
 
-def measure(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
+def measure(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str = "lenet") -> dict:
     """Run one variant in this process; wall time after the imports, peak RSS of the process."""
     keep_freed_memory()  # as train.py does: every variant runs under the same malloc settings
     start = time.perf_counter()
-    accuracy = VARIANTS[variant](data_dir, epochs, protocol)
+    accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return {"variant": variant, "seconds": seconds, "acc": accuracy, "peak_rss_mb": peak_rss_mb}
 
 
-def run_child(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
-    cmd = [sys.executable, "-m", "mnist_lit.benchmark", "--child", variant, "--data-dir", data_dir]
+def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str) -> dict:
+    cmd = [sys.executable, "-m", "mnist_lit.benchmark", "--child", variant, "--data-dir", data_dir, "--net", net_name]
     cmd += ["--epochs", str(epochs)] + (["--protocol"] if protocol else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -234,7 +235,9 @@ def run_child(variant: str, data_dir: str, epochs: int, protocol: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool) -> dict:
+def benchmark(
+    data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool, net_name: str = "lenet"
+) -> dict:
     if protocol and {"obvious", "bare"} & set(variants):
         raise UserError("obvious and bare have no --protocol mode: leave them out of --variants")
     # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k
@@ -245,7 +248,7 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
         # Interleaved, in reverse order every other round: a slow spell or a drift of the machine's speed hits
         # every variant alike.
         for variant in variants if round_ % 2 else variants[::-1]:
-            result = run_child(variant, data_dir, epochs, protocol)
+            result = run_child(variant, data_dir, epochs, protocol, net_name)
             runs[variant].append(result)
             print(
                 f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
@@ -255,7 +258,7 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
     summary = {}
     reference = statistics.median(r["seconds"] for r in runs["plain"]) if "plain" in runs else None
     what = f"{epochs} + {epochs} epochs of the two-stage protocol" if protocol else f"{epochs} epoch(s)"
-    print(f"\nmedian of {rounds} rounds, {what}, torch threads {torch.get_num_threads()}:")
+    print(f"\nmedian of {rounds} rounds, {what} of {net_name}, torch threads {torch.get_num_threads()}:")
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         # Each round's own ratio (against that round's plain loop) shows how much the machine's noise moves it.
@@ -277,6 +280,7 @@ def benchmark(data_dir: str, epochs: int, rounds: int, variants: list[str], out:
             f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"
         )
     report = {
+        "net": net_name,
         "epochs": epochs,
         "protocol": protocol,
         "rounds": rounds,
@@ -296,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs (with --protocol: of each stage; 20 as in it)")
     parser.add_argument("--protocol", action="store_true", help="time the whole two-stage protocol")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--net", default="lenet", choices=["lenet", "linear"], help="lenet (default) or linear")
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, help="default: plain ours bare obvious (--protocol: plain ours)"
     )
@@ -305,12 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         args = parser.parse_args(argv)
         if args.child:  # one measurement, in its own process
-            print(json.dumps(measure(args.child, args.data_dir, args.epochs, args.protocol)))
+            print(json.dumps(measure(args.child, args.data_dir, args.epochs, args.protocol, args.net)))
             return 0
         if args.epochs < 1 or args.rounds < 1:
             raise UserError("--epochs and --rounds must be >= 1")
         variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "obvious"])
-        benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol)
+        benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net)
         return 0
 
     return exit_code(body)

@@ -30,6 +30,18 @@ class LeNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+class LinearNet(nn.Module):
+    """Softmax regression: one Linear(784, 10) layer, the classic MNIST baseline (~92 %). Nearly free to run, so
+    ``scripts/benchmark.py --net linear`` times what the code around a net costs."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(x.flatten(1)), dim=1)
+
+
 def conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0, pool: bool = False) -> list[nn.Module]:
     """Conv (no bias: BN brings its own) -> BN -> ReLU, with ``pool`` a 2x2 max-pool before the ReLU: the same
     result as after it (max and ReLU commute) with the ReLU on 4x fewer values (WideNet's step ~10 % faster)."""
@@ -107,6 +119,7 @@ NETS = {
     "slim": SlimNet,
     "bnnet": BNNet,
     "wide": WideNet,
+    "linear": LinearNet,
 }
 
 

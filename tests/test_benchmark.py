@@ -51,3 +51,11 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     assert main([*base, "--epochs", "0"]) != 0
     assert "--epochs and --rounds must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_the_linear_net_runs_in_every_timed_variant(shared_data_dir, tmp_path):
+    variants = ["plain", "ours", "bare"]
+    report = benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), False, net_name="linear")
+    check_report(report, variants)
+    assert report["net"] == "linear"
+    assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all three
