@@ -46,7 +46,9 @@ BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
 
 
-def plain(data_dir: str, epochs: int, protocol: bool, net_name: str, bf16_cl=False, compiled=False) -> float:
+def plain(
+    data_dir: str, epochs: int, protocol: bool, net_name: str, bf16_cl: bool = False, compiled: bool = False
+) -> float:
     """The reference: a plain PyTorch loop. Returns the last evaluation's accuracy."""
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
