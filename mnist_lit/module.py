@@ -5,11 +5,12 @@ import logging
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_lit.augment import random_affine
-from mnist_lit.data import MEAN, NUM_CLASSES, STD, seeded_generator
+from mnist_lit.data import MEAN, NUM_CLASSES, STD, normalize, seeded_generator
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.net import build_net
@@ -150,10 +151,12 @@ class MNISTLitModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
     def _step(self, batch, split: str) -> torch.Tensor:
         images, targets = batch
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self._layout(images)
         if split == "train":
             log_probs = self.net(images)
         else:  # in chunks, same outputs: a CPU convolution's buffers for 1000 images added ~150 MB to peak RSS
@@ -182,6 +185,13 @@ class MNISTLitModule(pl.LightningModule):
         generator = seeded_generator(self.hparams.seed, self.global_step, images.device)
         mean, std = self.pixel_stats.tolist()
         return random_affine(images, generator, background=-mean / std, elastic=self.hparams.elastic)
+
+    def recompute_batchnorm_stats(self, images: torch.Tensor) -> None:
+        """Set the net's BatchNorm running statistics to those of ``images`` (uint8, N x 28 x 28) under the
+        current weights: forward passes in training mode, in chunks, averaged over all chunks (update_bn)."""
+        mean, std = self.pixel_stats.tolist()
+        chunks = (self._layout(normalize(chunk.to(self.device), mean, std)) for chunk in images.split(EVAL_CHUNK))
+        update_bn(chunks, self.net)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.eval_split)

@@ -83,3 +83,19 @@ def test_channels_last_changes_the_layout_not_the_result():
     assert plain.val_metrics.compute_and_reset()["loss"] == pytest.approx(
         float(nhwc.val_metrics.compute_and_reset()["loss"]), abs=1e-5
     )
+
+
+def test_recompute_batchnorm_stats_takes_the_images_statistics_under_the_current_weights():
+    torch.manual_seed(0)
+    model = MNISTLitModule(net="slim").eval()
+    first_bn = next(m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn.running_mean.fill_(5.0)
+    first_bn.running_var.fill_(5.0)
+    images, _ = digits(500, seed=1)  # two chunks of 250: their averaged means are the mean of all 500
+    seen = []
+    first_bn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model.recompute_batchnorm_stats(images)
+    assert not model.training and len(seen) == 2
+    inputs = torch.cat(seen).transpose(0, 1).flatten(1)  # channels x (images * pixels)
+    torch.testing.assert_close(first_bn.running_mean, inputs.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first_bn.running_var, inputs.var(1), rtol=0.05, atol=1e-4)

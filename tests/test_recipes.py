@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import digits, loss_before_and_after_one_step
 
-from mnist_lit.data import normalize
+from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
@@ -87,3 +87,21 @@ def test_strong_recipe_resumes_exactly_with_augmentation_and_ema(shared_data_dir
     b = torch.load(tmp_path / "b" / "initial" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     for key in ("state_dict", "current_model_state"):  # the averaged weights and the trained ones
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_strong_recipe_saves_batchnorm_statistics_recomputed_for_the_averaged_weights(shared_data_dir, tmp_path):
+    """The EMA's running statistics are averages over steps; the final checkpoint's are those of the training
+    images under the averaged weights (recomputed before the last validation)."""
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet"]
+    assert main([*common, "--recipe", "strong", "--epochs", "2"]) == 0
+    ckpt = torch.load(tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    model = MNISTLitModule(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    datamodule = MNISTDataModule(shared_data_dir, val_fraction=RECIPES["strong"]["val_fraction"])
+    datamodule.setup()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.recompute_batchnorm_stats(datamodule.train_set[0])
+    stats = [k for k in ckpt["state_dict"] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(model.state_dict()[key], ckpt["state_dict"][key], msg=key)
