@@ -1,0 +1,54 @@
+"""On a CUDA GPU (skipped without one; CI has none): data kept on the device, bf16 autocast, every recipe."""
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from mnist_lit import evaluate
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.recipes import RECIPES
+from mnist_lit.training import main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_batches_are_cut_on_the_gpu_and_run_under_bf16_autocast(shared_data_dir):
+    model = MNISTLitModule(net="slim", precision="bf16-mixed", channels_last=True)
+    seen = []
+    first_conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: seen.append((args[0].device.type, out.dtype)))
+    datamodule = MNISTDataModule(shared_data_dir, batch_size=32)
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    loader = datamodule.train_dataloader()
+    assert loader.images.is_cuda and loader.labels.is_cuda  # the split was moved once, not each batch
+    assert seen and set(seen) == {("cuda", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_trains_both_stages_on_the_gpu_and_evaluates_on_the_cpu(recipe, shared_data_dir, tmp_path):
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet", "--accelerator", "gpu"]
+    assert main([*common, "--recipe", recipe, "--epochs", "2", "--devices", "1"]) == 0
+    last = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    assert all(t.is_cuda for t in weights.values())  # trained on the GPU
+    assert main([*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3", "--devices", "1"]) == 0
+    results = json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())
+    assert results["split"] == "test" and results["count"] == 120
+    full_last = tmp_path / "full" / "version_0" / "checkpoints" / "last.ckpt"
+    assert (
+        evaluate.main(["--ckpt", str(full_last), "--data-dir", str(shared_data_dir), "--out", str(tmp_path / "ev")])
+        == 0
+    )
