@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=int, nargs="*", help="epochs of the stage after which lr /= 10 (2 10)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.5)")
     p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="> 0: validate and save an exponential moving average of the weights (default 0; strong 0.999)",
+    )
+    p.add_argument(
         "--precision", choices=["32-true", "bf16-mixed"], help="32-true (default) or bf16-mixed (bfloat16 autocast)"
     )
     p.add_argument(
@@ -100,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.lr, lambda v: v > 0, "--lr must be > 0"),
         (args.momentum, lambda v: 0 <= v < 1, "--momentum must be in [0, 1)"),
+        (args.ema_decay, lambda v: 0 <= v < 1, "--ema-decay must be in [0, 1)"),
         (args.batch_size, lambda v: v >= 1, "--batch-size must be >= 1"),
         (args.eval_batch_size, lambda v: v >= 1, "--eval-batch-size must be >= 1"),
         (args.val_fraction, lambda v: 0 < v < 1, "--val-fraction must be between 0 and 1"),

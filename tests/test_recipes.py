@@ -46,6 +46,8 @@ def test_recipe_runs_both_stages_and_is_recorded(recipe, shared_data_dir, tmp_pa
 def test_recipe_settings_can_be_overridden_but_not_on_a_checkpoint():
     settings, epochs = choose_settings(parse_args(["--recipe", "fast", "--lr", "0.002"]), None, resume=False)
     assert settings["lr"] == 0.002 and settings["net"] == "slim" and epochs == RECIPES["fast"]["epochs"]
+    settings, _ = choose_settings(parse_args(["--recipe", "strong", "--ema-decay", "0.9995"]), None, resume=False)
+    assert settings["ema_decay"] == 0.9995 and settings["net"] == "wide"
     with pytest.raises(UserError, match="--recipe is for a new run"):
         choose_settings(parse_args(["--recipe", "fast"]), {"hyper_parameters": {}, "epoch": 0}, resume=True)
 

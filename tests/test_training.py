@@ -193,6 +193,7 @@ def test_original_spellings_parse_like_the_new_ones():
         (["--lr", "-1"], "--lr must be > 0"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
+        (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["--milestones", "10", "2"], "--milestones must be increasing"),
         (["--stage", "half"], "invalid choice"),
         (["--no-such-option"], "unrecognized arguments"),
