@@ -266,7 +266,7 @@ class EMAWithFreshBatchNorm(EMAWeightAveraging):
 
     With ``use_buffers=True`` the EMA averages BatchNorm's running statistics like weights, but statistics
     averaged over many steps need not fit the averaged weights; SWA recomputes them for that reason
-    (torch.optim.swa_utils.update_bn). Measured on the strong recipe: README, Recipes.
+    (torch.optim.swa_utils.update_bn). Measured on the strong recipe: docs/recipes.md.
     """
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
