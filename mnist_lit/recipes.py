@@ -46,7 +46,7 @@ RECIPES = {
         "epochs": 2,  # measured: 2 epochs reach 99.11-99.20 % (3 seeds) in ~6 s; 1 epoch 98.81 % (seed 0)
     },
     # Aims at >= 99.75 % test accuracy within 15 minutes on a 2-core CPU (measured: 99.73 %, mean of 3 seeds,
-    # 748-759 s each; see README): a wide BatchNorm CNN, affine + elastic augmentation of each batch, SGD with
+    # 748-776 s each; see README): a wide BatchNorm CNN, affine + elastic augmentation of each batch, SGD with
     # Nesterov momentum and weight decay under one OneCycle, label smoothing, an EMA of the weights (its
     # BatchNorm statistics recomputed at the end: training.EMAWithFreshBatchNorm).
     # bf16 autocast + channels_last make the wide net affordable on a CPU with bf16 units (AMX here).

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 DATA_DIR=${1:-data}
 OUT=${2:-gpu_check}
 PY=${PYTHON:-python}
-mkdir -p "$OUT"
+mkdir -p "$(dirname "$OUT")"
+mkdir "$OUT" 2>/dev/null || { echo "error: $OUT exists: give a new folder (results are never overwritten)" >&2; exit 2; }
 failed=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 "$PY" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" \
