@@ -12,6 +12,7 @@ from conftest import digits, loss_before_and_after_one_step
 
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
+from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import SlimNet
@@ -96,9 +97,9 @@ def test_strong_recipe_saves_batchnorm_statistics_recomputed_for_the_averaged_we
     images under the averaged weights (recomputed before the last validation)."""
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet"]
     assert main([*common, "--recipe", "strong", "--epochs", "2"]) == 0
-    ckpt = torch.load(tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    model = MNISTLitModule(**ckpt["hyper_parameters"])
-    model.load_state_dict(ckpt["state_dict"])
+    path = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(path)
+    model = module_from_checkpoint(ckpt, path)
     datamodule = MNISTDataModule(shared_data_dir, val_fraction=RECIPES["strong"]["val_fraction"])
     datamodule.setup()
     with torch.autocast("cpu", dtype=torch.bfloat16):
