@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", nargs="+", choices=VARIANTS, help="default: plain ours bare obvious (--protocol: plain ours)"
     )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one measurement
 
     def body():
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.epochs < 1 or args.rounds < 1:
             raise UserError("--epochs and --rounds must be >= 1")
+        if Path(args.out).exists() and not args.force:  # before the minutes of timing, not after
+            raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
         variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "obvious"])
         benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net)
         return 0

@@ -85,10 +85,14 @@ def ensure_raw_files(data_dir, dataset: str = "mnist", download: bool = True) ->
         return raw
     reason = "downloading is off"
     if download:
+        made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]  # torchvision makes these
         reason = _download(data_dir, dataset)
         missing = [name for name in names if not (raw / name).exists()]
         if not missing:
             return raw
+        for folder in made:  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     raise UserError(
         f"{dataset} files missing in {raw}: {', '.join(missing)} ({reason}); put the four IDX files there "
         f"(uncompressed or .gz), or pass --data-dir to a folder that holds {dataset_spec(dataset).folder}/raw/"

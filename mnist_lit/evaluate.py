@@ -2,7 +2,7 @@
 
 ``python scripts/evaluate.py --ckpt PATH [--split test|val] [--data-dir DIR] [--out DIR]`` writes
 metrics.json, confusion_matrix.png, misclassified.png and curves.png, logs the numbers and pictures to the
-checkpoint's run in TensorBoard, and prints a table.
+checkpoint's run in TensorBoard (when it sits in one), and prints a table.
 """
 
 import bisect
@@ -21,13 +21,20 @@ from mnist_lit.inference import Trained, classify, load_trained
 
 def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels of ``split``; 'val' is the checkpoint's own initial-stage validation split."""
+    if split == "val" and trained.ckpt["hyper_parameters"]["stage"] == "full":
+        raise UserError(
+            f"{trained.path} is a full-stage model, trained on all training images: its 'val' split is training "
+            "data; use --split test"
+        )
     data = trained.ckpt.get("datamodule_hyper_parameters", {})
     ensure_raw_files(data_dir, trained.dataset)
     datamodule = MNISTDataModule(
         str(data_dir), trained.dataset, "initial", data.get("val_fraction", 0.1), data.get("seed", 0)
     )
+    if split == "test":
+        return datamodule.test_set  # reads the test files only
     datamodule.setup()
-    return datamodule.val_set if split == "val" else datamodule.test_set
+    return datamodule.val_set
 
 
 def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
@@ -113,11 +120,12 @@ def read_scalars(run_dirs: list[Path]) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def curves_figure(run_dirs: list[Path]) -> Figure:
-    """Loss, accuracy and learning rate per (1-based) epoch, all stages on one axis."""
+def curves_figure(run_dirs: list[Path]) -> Figure | None:
+    """Loss, accuracy and learning rate per (1-based) epoch, all stages on one axis; None before the first
+    epoch's end was logged."""
     scalars = read_scalars(run_dirs)
     if "train/loss" not in scalars or "epoch" not in scalars:
-        raise UserError(f"no training curves in {run_dirs[-1]} (no TensorBoard events)")
+        return None
     # Each training epoch ends at the step where train/loss is logged, with Lightning's 0-based "epoch" beside
     # it; the first epoch end at or after a step names that step's epoch (lr is logged at its epoch's start).
     ends = sorted((step, scalars["epoch"][step]) for step in scalars["train/loss"] if step in scalars["epoch"])
@@ -174,31 +182,34 @@ def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str
     log_probs = classify(trained.classifier, images)
     metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
     metrics.update(compute_metrics(log_probs, labels, trained.classes))
-    run = trained.run_dir
-    title = f"{trained.dataset} {split}, {run.parent.name}/{run.name}/{trained.path.name}"
-    out_dir = new_out_dir(Path(out) if out else trained.run_dir / "evaluation" / f"{trained.path.stem}-{split}")
-
+    run = trained.run_dir  # None for a checkpoint outside a run folder: no curves, no TensorBoard logging
+    where = f"{run.parent.name}/{run.name}/{trained.path.name}" if run else str(trained.path)
+    title = f"{trained.dataset} {split}, {where}"
     figures = {
         "confusion_matrix": confusion_figure(metrics, trained.classes, title),
         "misclassified": misclassified_figure(images, labels, log_probs, trained.classes, title),
     }
-    if list(trained.run_dir.glob("events.out.tfevents.*")):
-        figures["curves"] = curves_figure(run_chain(trained.run_dir))
+    curves = curves_figure(run_chain(run)) if run else None
+    if curves:
+        figures["curves"] = curves
+    home = run or trained.path.resolve().parent  # a loose checkpoint's evaluation goes beside it
+    out_dir = new_out_dir(Path(out) if out else home / "evaluation" / f"{trained.path.stem}-{split}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for name, fig in figures.items():
         fig.savefig(out_dir / f"{name}.png", dpi=110)
 
-    from torch.utils.tensorboard import SummaryWriter
+    if run:
+        from torch.utils.tensorboard import SummaryWriter
 
-    step = trained.ckpt.get("global_step", 0)
-    with SummaryWriter(str(trained.run_dir)) as writer:  # adds an events file; earlier ones stay as they are
-        writer.add_scalar(f"eval_{split}/acc", metrics["accuracy"], step)
-        writer.add_scalar(f"eval_{split}/loss", metrics["loss"], step)
-        for name, row in metrics["per_class"].items():
-            writer.add_scalar(f"eval_{split}/acc_per_class/{name}", row["accuracy"], step)
-        for name, fig in figures.items():
-            if name != "curves":
-                writer.add_figure(f"eval_{split}/{name}", fig, step)
+        step = trained.ckpt.get("global_step", 0)
+        with SummaryWriter(str(run)) as writer:  # adds an events file; earlier ones stay as they are
+            writer.add_scalar(f"eval_{split}/acc", metrics["accuracy"], step)
+            writer.add_scalar(f"eval_{split}/loss", metrics["loss"], step)
+            for name, row in metrics["per_class"].items():
+                writer.add_scalar(f"eval_{split}/acc_per_class/{name}", row["accuracy"], step)
+            for name, fig in figures.items():
+                if name != "curves":
+                    writer.add_figure(f"eval_{split}/{name}", fig, step)
     print(format_table(metrics, title))
     print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir()))} to {out_dir}")
     return out_dir
@@ -210,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
     parser.add_argument("--data-dir", default="data", help="folder that holds the dataset's raw/ files")
     parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoint's (default: its own)")
-    parser.add_argument("--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>)")
+    parser.add_argument(
+        "--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>, or beside a checkpoint kept elsewhere)"
+    )
 
     def body():
         args = parser.parse_args(argv)

@@ -128,6 +128,8 @@ def compare(reference: torch.Tensor, exported: torch.Tensor) -> tuple[int, float
 def export(args: argparse.Namespace) -> dict:
     """Export, verify on the test set, then keep the file and its contract; returns the figures."""
     out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write")
     existing = [path for path in (out, contract_path(out)) if path.exists()]
     if existing and not args.force:
         raise UserError(f"{existing[0]} exists; pass --force to replace it")

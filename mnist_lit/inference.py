@@ -61,9 +61,11 @@ class Trained:
     path: Path
 
     @property
-    def run_dir(self) -> Path:
-        """The run directory the checkpoint was written in (``<run>/checkpoints/<name>.ckpt``)."""
-        return self.path.resolve().parent.parent
+    def run_dir(self) -> Path | None:
+        """The run directory the checkpoint was written in (``<run>/checkpoints/<name>.ckpt``); None for a
+        checkpoint kept elsewhere (a copy, a download)."""
+        folder = self.path.resolve().parent
+        return folder.parent if folder.name == "checkpoints" and (folder.parent / "hparams.yaml").is_file() else None
 
 
 def module_from_checkpoint(ckpt: dict, path) -> MNISTLitModule:

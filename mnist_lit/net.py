@@ -10,7 +10,7 @@ from mnist_lit.errors import UserError
 class LeNet(nn.Module):
     """The original project's CNN (431k parameters); returns log-probabilities.
 
-    Conv2d(1,20,5) -> ReLU -> MaxPool2 -> Conv2d(20,50,5) -> ReLU -> MaxPool2
+    Conv2d(1,20,5) -> MaxPool2 -> ReLU -> Conv2d(20,50,5) -> MaxPool2 -> ReLU
     -> Linear(800,500) -> ReLU -> Linear(500,10) -> log_softmax.
     """
 
@@ -77,7 +77,8 @@ def bn_classifier(features: int, hidden: int, num_classes: int) -> nn.Sequential
 
 
 class BNNet(nn.Module):
-    """A BatchNorm CNN for the ``strong`` recipe (~4.8M multiply-adds per image, about twice LeNet's):
+    """A BatchNorm CNN, the ``strong`` recipe's first net before WideNet (~4.8M multiply-adds per image, about
+    twice LeNet's):
     Conv5(32) -> MaxPool2 -> Conv3(64) -> Conv3(64) -> MaxPool2 -> Linear(1024,128)-BN-ReLU -> Linear(128,10)."""
 
     def __init__(self, num_classes: int = 10):

@@ -175,12 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="FILE_OR_FOLDER", help="images, or folders: their image files (not subfolders)"
     )
     p.add_argument("--out", default="preds.csv", type=Path, help="CSV to write (default preds.csv)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--dataset", choices=list(DATASETS), help="check the checkpoint was trained on this dataset")
     return p
 
 
 def predict(args: argparse.Namespace) -> list[str]:
     """Predict, print the table, write the CSV; returns the messages of the unreadable files."""
+    if args.out.exists() and not args.force:  # checked first: never after the work is done
+        raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
     files = image_files(args.paths)
     if not files:
         raise UserError(f"no image files found in {', '.join(args.paths)}")

@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from mnist_lit.data import DATASETS, MNISTDataModule
@@ -135,7 +136,10 @@ def run_dirs(save_dir, stage: str) -> list[Path]:
 
 def new_run_dir(save_dir, stage: str) -> Path:
     """Create the next ``version_N``; mkdir is atomic, so two runs can never share or reuse a directory."""
-    (Path(save_dir) / stage).mkdir(parents=True, exist_ok=True)
+    try:
+        (Path(save_dir) / stage).mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. --save-dir names a file
+        raise UserError(f"cannot make the run folder under {Path(save_dir) / stage}: {err.strerror}") from None
     runs = run_dirs(save_dir, stage)
     version = int(runs[0].name[8:]) + 1 if runs else 0
     while True:
@@ -370,6 +374,12 @@ def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -
         if settings["schedule"] == "onecycle" and epochs != saved["epochs"]:
             raise UserError(f"a onecycle run keeps its --epochs {saved['epochs']} on resume: its schedule is fixed")
     else:
+        for key in ("net", "dataset"):  # the full stage goes on from the checkpoint's weights
+            if key in given and given[key] != settings[key]:
+                raise UserError(
+                    f"the full stage goes on from the checkpoint's weights: --{key} {given[key]} differs from its "
+                    f"{settings[key]}"
+                )
         settings.update(FULL_STAGE)
         settings.update(given)
         epochs = args.epochs or done + FULL_STAGE_EPOCHS
@@ -411,6 +421,20 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         datamodule.prepare_data()  # missing or corrupt data fails here, before a run directory is made;
         datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
         run_dir = new_run_dir(args.save_dir, args.stage)
+    try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
+        trainer = build_trainer(
+            args,
+            run_dir,
+            epochs,
+            fresh_optimizer=ckpt is not None and not resume,
+            ema_decay=settings["ema_decay"],
+            precision=settings["precision"],
+        )
+    except (MisconfigurationException, ValueError) as err:
+        if run_dir is not None:
+            run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
+        raise UserError(f"the Trainer refused the options: {err}") from None
+    if run_dir is not None:
         (run_dir / "command.txt").write_text(command + "\n")
         snapshot_code(run_dir)
     start = time.perf_counter()
@@ -423,14 +447,6 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
             stage=args.stage,
             epochs=epochs,
         )
-        trainer = build_trainer(
-            args,
-            run_dir,
-            epochs,
-            fresh_optimizer=ckpt is not None and not resume,
-            ema_decay=settings["ema_decay"],
-            precision=settings["precision"],
-        )
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if args.stage == "full":
             trainer.test(model, datamodule=datamodule, verbose=False)
@@ -442,7 +458,7 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
     results = {
         "stage": args.stage,
         "run_dir": str(run_dir),
-        "ckpt_from": str(ckpt_path) if ckpt_path else None,
+        "ckpt_from": str(ckpt_path.resolve()) if ckpt_path else None,  # absolute: evaluate.py follows it
         "epoch": trainer.current_epoch,
         "split": model.eval_split,
         "correct": correct,

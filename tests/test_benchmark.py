@@ -51,6 +51,10 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     assert main([*base, "--epochs", "0"]) != 0
     assert "--epochs and --rounds must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+    (tmp_path / "b.json").write_text("earlier figures")
+    assert main([*base, "--variants", "plain"]) == 2  # refused before any timing
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'b.json'} exists; pass --force to replace it")
+    assert (tmp_path / "b.json").read_text() == "earlier figures"
 
 
 def test_the_linear_net_runs_in_every_timed_variant(shared_data_dir, tmp_path):

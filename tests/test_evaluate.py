@@ -59,6 +59,39 @@ def test_evaluate_errors(trained_ckpt, shared_data_dir, capsys, argv, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_checkpoint_outside_a_run_folder(trained_ckpt, shared_data_dir, tmp_path, capsys):
+    """A copied checkpoint: the evaluation goes beside it (never into the folder above), without curves or
+    TensorBoard logging, and a second evaluation gets its own folder."""
+    loose = tmp_path / "models" / "mnist.ckpt"
+    loose.parent.mkdir()
+    loose.write_bytes(trained_ckpt.read_bytes())
+    for out in ("mnist-test", "mnist-test-2"):
+        assert main(["--ckpt", str(loose), "--data-dir", str(shared_data_dir)]) == 0
+        written = sorted(p.name for p in (tmp_path / "models" / "evaluation" / out).iterdir())
+        assert written == ["confusion_matrix.png", "metrics.json", "misclassified.png"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "evaluation" not in p.parts) == ["mnist.ckpt"]
+    assert f"mnist test, {loose}" in capsys.readouterr().out
+
+
+def test_test_split_needs_only_the_test_files(trained_ckpt, data_dir, tmp_path):
+    labels = data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-10])  # training files are not read for --split test
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(data_dir), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["count"] == 120
+
+
+def test_val_split_of_a_full_stage_model_is_refused(trained_ckpt, shared_data_dir, tmp_path, capsys):
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    ckpt["hyper_parameters"]["stage"] = "full"  # a full-stage model has trained on the validation images
+    full = tmp_path / "full.ckpt"
+    torch.save(ckpt, full)
+    argv = ["--ckpt", str(full), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a full-stage model" in err and "use --split test" in err and err.count("\n") == 1
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -130,6 +130,13 @@ def test_existing_files_are_kept_unless_forced(trained_ckpt, shared_data_dir, tm
     assert json.loads(Path(f"{out}.json").read_text())["format"] == "torchscript"
 
 
+def test_out_that_is_a_folder_is_refused(trained_ckpt, shared_data_dir, tmp_path, capsys):
+    (tmp_path / "afolder").mkdir()
+    common = ["--ckpt", trained_ckpt, "--format", "torchscript", "--data-dir", shared_data_dir, "--force"]
+    assert run(*common, "--out", tmp_path / "afolder") == 2
+    assert error_lines(capsys) == [f"error: --out {tmp_path / 'afolder'} is a folder: name the file to write"]
+
+
 def test_export_that_does_not_match_is_deleted(trained_ckpt, shared_data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(mnist_lit.export, "MAX_ABS_DIFF", -1.0)  # no export can pass
     out = tmp_path / "model.pt"

@@ -138,6 +138,17 @@ def test_errors(trained_ckpt, image_folder, tmp_path, capsys, extra, message):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_existing_csv_is_kept_unless_forced(trained_ckpt, image_folder, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    out.write_text("precious")
+    argv = ["--ckpt", str(trained_ckpt), str(image_folder / "a.png"), "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {out} exists; pass --force to replace it, or another --out\n"
+    assert out.read_text() == "precious"
+    assert main([*argv, "--force"]) == 0
+    assert out.read_text().startswith("file,predicted")
+
+
 def test_script_missing_checkpoint(image_folder, tmp_path):
     missing = tmp_path / "missing.ckpt"
     proc = subprocess.run(

@@ -14,7 +14,7 @@ from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
-from mnist_lit.training import choose_settings, main, parse_args, resolve_ckpt
+from mnist_lit.training import choose_settings, main, parse_args, resolve_ckpt, run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 # 320 training images -> 288 train / 32 val with the default 10 %; batch 64 -> 5 steps per epoch.
@@ -98,6 +98,7 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     assert all(line.split()[3] == "0.0001" and " test " in line and "/120 (" in line for line in lines)
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 7)
+    assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())  # from any folder
     initial = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
     full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["global_step"] == initial["global_step"] + 3 * 5  # TensorBoard's step axis continues
@@ -237,11 +238,13 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", last, "--epochs", "4"], "not beyond the checkpoint's epoch 4"),
         (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
         (["--ckpt", last, "--dataset", "kmnist"], "--dataset kmnist differs from the checkpoint's mnist"),
+        (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: --net slim differs from its lenet"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "logs").exists()  # none of them made a run directory
 
 
 def test_corrupt_data_fails_before_a_run_directory_is_made(data_dir, tmp_path, capsys):
@@ -263,6 +266,52 @@ def test_missing_data_offline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mnist files missing" in err and "train-images-idx3-ubyte" in err and err.count("\n") == 1
     assert not (tmp_path / "logs" / "initial").exists()
+    assert not (tmp_path / "nothing").exists()  # the failed download leaves no empty folders
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--strategy", "no_such_strategy"],
+        ["--num-nodes", "0"],
+        pytest.param(
+            ["--accelerator", "gpu"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
+    ],
+)
+def test_options_the_trainer_refuses_leave_no_run_directory(argv, shared_data_dir, tmp_path, capsys):
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the Trainer refused the options: ") and err.count("\n") == 1, err
+    assert run_dirs(tmp_path, "initial") == []  # so `--ckpt last.ckpt` still finds the last real run
+
+
+def test_save_dir_that_is_a_file(shared_data_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path / "afile", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot make the run folder under ") and err.count("\n") == 1, err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_run_all_goes_on_from_the_initial_runs_last_checkpoint(shared_data_dir, tmp_path):
+    """scripts/run_all.sh with a recipe-like change of --epochs: the full stage starts from that run's
+    last.ckpt (there is no 020.ckpt), and the summary names both stages."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "run_all.sh"), str(shared_data_dir), str(tmp_path), "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    full = json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())
+    initial_last = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    assert full["ckpt_from"] == str(initial_last.resolve()) and full["epoch"] == 22
+    assert "initial  epoch  2" in proc.stdout and "full     epoch 22" in proc.stdout
 
 
 def test_script_exit_code_and_single_line(tmp_path):
