@@ -298,18 +298,21 @@ def test_save_dir_that_is_a_file(shared_data_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_run_all_goes_on_from_the_initial_runs_last_checkpoint(shared_data_dir, tmp_path):
     """scripts/run_all.sh with a recipe-like change of --epochs: the full stage starts from that run's
-    last.ckpt (there is no 020.ckpt), and the summary names both stages."""
+    last.ckpt (there is no 020.ckpt), and the summary names both stages. Relative paths are taken from the
+    folder it is run in."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    data = os.path.relpath(shared_data_dir, tmp_path)
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run_all.sh"), str(shared_data_dir), str(tmp_path), "--epochs", "2"],
+        ["bash", str(ROOT / "scripts" / "run_all.sh"), data, "runs", "--epochs", "2"],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    full = json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())
-    initial_last = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    full = json.loads((tmp_path / "runs" / "full" / "version_0" / "results.json").read_text())
+    initial_last = tmp_path / "runs" / "initial" / "version_0" / "checkpoints" / "last.ckpt"
     assert full["ckpt_from"] == str(initial_last.resolve()) and full["epoch"] == 22
     assert "initial  epoch  2" in proc.stdout and "full     epoch 22" in proc.stdout
 
