@@ -15,6 +15,8 @@ from mnist_lit.module import MNISTLitModule
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
+    if Path(path).is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -160,6 +160,8 @@ def resolve_ckpt(name: str, save_dir, stage: str = "initial") -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     if path.name != name:
         raise UserError(f"checkpoint not found: {name}")
     full_runs = run_dirs(save_dir, "full") if stage == "full" else []

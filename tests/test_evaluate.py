@@ -95,6 +95,8 @@ def test_val_split_of_a_full_stage_model_is_refused(trained_ckpt, shared_data_di
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder, not a checkpoint file\n"
 
 
 def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):

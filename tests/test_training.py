@@ -239,6 +239,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
         (["--ckpt", last, "--dataset", "kmnist"], "--dataset kmnist differs from the checkpoint's mnist"),
         (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: --net slim differs from its lenet"),
+        (["--ckpt", tmp_path], "a folder, not a checkpoint file"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
