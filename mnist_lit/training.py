@@ -180,9 +180,9 @@ def resolve_ckpt(name: str, save_dir, stage: str = "initial") -> Path:
 
 
 def snapshot_code(run_dir: Path) -> None:
-    """Copy the package's and the scripts' .py files into run_dir/code, as the original project did."""
+    """Copy the package's and the scripts' code (.py, .sh) into run_dir/code, as the original project did."""
     for src in (PACKAGE_DIR, PACKAGE_DIR.parent / "scripts"):
-        for file in sorted(src.glob("*.py")):
+        for file in sorted([*src.glob("*.py"), *src.glob("*.sh")]):
             (run_dir / "code" / src.name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, run_dir / "code" / src.name / file.name)
 
@@ -199,7 +199,7 @@ def run_logging(run_dir: Path | None, quiet: bool):
     """Epoch lines go to the console and to run_dir/log.txt; --quiet also silences Lightning's banners."""
     handlers: list[logging.Handler] = [TqdmHandler()]
     if run_dir is not None:
-        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+        handlers.append(logging.FileHandler(run_dir / "log.txt", delay=True))  # made on the first line
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
@@ -360,8 +360,11 @@ def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -
     if ckpt is None:
         settings = {**RECIPES[args.recipe or "seed"], **given}
         return settings, args.epochs or settings["epochs"]
-    if args.recipe:
-        raise UserError("--recipe is for a new run: a checkpoint brings its own settings")
+    if args.recipe and args.recipe != ckpt["hyper_parameters"].get("recipe", "seed"):
+        raise UserError(
+            f"--recipe {args.recipe} differs from the checkpoint's {ckpt['hyper_parameters'].get('recipe', 'seed')}: "
+            "a checkpoint brings its own settings"
+        )
     saved = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
     settings = {key: saved.get(key, SEED[key]) for key in SEED}  # checkpoints from before a setting existed
     done = ckpt["epoch"] + 1  # our checkpoints are written at the end of an epoch
@@ -423,24 +426,24 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
         datamodule.prepare_data()  # missing or corrupt data fails here, before a run directory is made;
         datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
         run_dir = new_run_dir(args.save_dir, args.stage)
-    try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
-        trainer = build_trainer(
-            args,
-            run_dir,
-            epochs,
-            fresh_optimizer=ckpt is not None and not resume,
-            ema_decay=settings["ema_decay"],
-            precision=settings["precision"],
-        )
-    except (MisconfigurationException, ValueError) as err:
-        if run_dir is not None:
-            run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
-        raise UserError(f"the Trainer refused the options: {err}") from None
-    if run_dir is not None:
-        (run_dir / "command.txt").write_text(command + "\n")
-        snapshot_code(run_dir)
-    start = time.perf_counter()
     with run_logging(run_dir, args.quiet):
+        try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
+            trainer = build_trainer(
+                args,
+                run_dir,
+                epochs,
+                fresh_optimizer=ckpt is not None and not resume,
+                ema_decay=settings["ema_decay"],
+                precision=settings["precision"],
+            )
+        except (MisconfigurationException, ValueError) as err:
+            if run_dir is not None:
+                run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
+            raise UserError(f"the Trainer refused the options: {err}") from None
+        if run_dir is not None:
+            (run_dir / "command.txt").write_text(command + "\n")
+            snapshot_code(run_dir)
+        start = time.perf_counter()
         how = "resuming" if resume else "from" if ckpt else "new run"
         log.info("%s stage, run dir %s, %s %s", args.stage, run_dir, how, ckpt_path or "")
         pl.seed_everything(settings["seed"], verbose=False)
@@ -450,16 +453,14 @@ def train(args: argparse.Namespace, command: str = "") -> dict:
             epochs=epochs,
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if args.stage == "full":
-            trainer.test(model, datamodule=datamodule, verbose=False)
-        result = model.last_eval
+        result = model.last_eval  # the last epoch's evaluation: validation split, or test set in the full stage
         wall = time.perf_counter() - start
         summary = format_eval(model.eval_split, result)
         log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
     correct, count = correct_and_count(result)
     results = {
         "stage": args.stage,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.resolve()) if run_dir else None,
         "ckpt_from": str(ckpt_path.resolve()) if ckpt_path else None,  # absolute: evaluate.py follows it
         "epoch": trainer.current_epoch,
         "split": model.eval_split,

@@ -112,7 +112,7 @@ def test_folder_end_to_end(trained_ckpt, image_folder, tmp_path, capsys):
         top3 = [pair.split(":") for pair in row["top3"].split("; ")]
         probabilities = [float(prob) for _, prob in top3]
         assert len(top3) == 3 and top3[0] == [row["predicted"], row["probability"]]
-        assert row["predicted"] in "0123456789" and 0 < float(row["probability"]) <= 1
+        assert row["predicted"] in set("0123456789") and 0 < float(row["probability"]) <= 1
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
         assert row["file"] in captured.out
     assert "3 predictions written to" in captured.out

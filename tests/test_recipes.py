@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,33 @@ def test_recipe_settings_can_be_overridden_but_not_on_a_checkpoint():
     assert settings["lr"] == 0.002 and settings["net"] == "slim" and epochs == RECIPES["fast"]["epochs"]
     settings, _ = choose_settings(parse_args(["--recipe", "strong", "--ema-decay", "0.9995"]), None, resume=False)
     assert settings["ema_decay"] == 0.9995 and settings["net"] == "wide"
-    with pytest.raises(UserError, match="--recipe is for a new run"):
-        choose_settings(parse_args(["--recipe", "fast"]), {"hyper_parameters": {}, "epoch": 0}, resume=True)
+    fast_ckpt = {"hyper_parameters": {**RECIPES["fast"], "stage": "initial"}, "epoch": 0}
+    with pytest.raises(UserError, match="--recipe strong differs from the checkpoint's fast"):
+        choose_settings(parse_args(["--recipe", "strong"]), fast_ckpt, resume=True)
+    settings, _ = choose_settings(parse_args(["--recipe", "fast"]), fast_ckpt, resume=True)  # the same command
+    assert settings["net"] == "slim"
 
 
-def test_onecycle_peaks_at_lr_and_anneals(shared_data_dir, tmp_path):
-    argv = ["--recipe", "fast", "--epochs", "2", "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
-    assert main([*argv, "--quiet"]) == 0
-    lines = (tmp_path / "initial" / "version_0" / "log.txt").read_text().splitlines()
-    first, second = (float(line.split()[3]) for line in lines if line.startswith("epoch "))
-    assert first < 0.1 * RECIPES["fast"]["lr"] and second > first  # warm-up from lr / 25
+def test_seed_recipe_is_the_original_protocol():
+    settings, epochs = choose_settings(parse_args([]), None, resume=False)
+    assert (settings["milestones"], settings["lr"], settings["momentum"], epochs) == ([2, 10], 0.01, 0.5, 20)
+    assert (settings["batch_size"], settings["eval_batch_size"], settings["val_fraction"]) == (64, 1000, 0.1)
+
+
+def test_onecycle_peaks_at_lr_and_anneals():
+    module = MNISTLitModule(**{k: v for k, v in RECIPES["fast"].items() if k not in DATA_ONLY})
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=200)  # what configure_optimizers reads
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(200):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lr = RECIPES["fast"]["lr"]
+    assert lrs[0] == pytest.approx(lr / 25)  # OneCycle's warm-up start
+    assert max(lrs) == pytest.approx(lr) and 50 <= lrs.index(max(lrs)) <= 70  # the peak, at ~30 % of the steps
+    assert lrs[-1] < lr * 1e-4  # annealed to ~0 by the stage's last step
 
 
 def test_slim_net_and_label_smoothing():

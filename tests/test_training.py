@@ -1,19 +1,22 @@
 """mnist_lit.training and scripts/train.py: both stages end to end on small IDX files, resume, CLI, errors."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
+from mnist_lit.evaluate import read_scalars
 from mnist_lit.loss import nll_loss
-from mnist_lit.module import MNISTLitModule
+from mnist_lit.module import MNISTLitModule, correct_and_count
 from mnist_lit.training import choose_settings, main, parse_args, resolve_ckpt, run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +67,11 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
     assert "--milestones 2 3" in (run_dir / "command.txt").read_text()
     assert (run_dir / "code" / "mnist_lit" / "data.py").is_file()
     assert (run_dir / "code" / "scripts" / "train.py").is_file()
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "code" / "scripts" / "run_all.sh").is_file()
+    scalars = read_scalars([run_dir])  # TensorBoard: one point per epoch for each tag the README lists
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr"):
+        assert len(scalars[tag]) == 4, tag
+    assert scalars["lr"][min(scalars["lr"])] == pytest.approx(0.05)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["split"] == "val" and results["count"] == 32 and results["epoch"] == 4
     assert results["acc"] > 0.5  # the fake digits are easy: the pipeline really learns
@@ -98,6 +105,14 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     assert all(line.split()[3] == "0.0001" and " test " in line and "/120 (" in line for line in lines)
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 7)
+    scalars = read_scalars([run_dir])
+    assert len(scalars["test/acc"]) == 3 and "val/acc" not in scalars  # one test evaluation per epoch
+    assert scalars["test/acc"][max(scalars["test/acc"])] == pytest.approx(results["acc"])
+    # Lightning's own test loop (trainer.test, as a user would call it) on the final checkpoint: the same figure.
+    final = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    tester.test(final, datamodule=MNISTDataModule(str(data_dir), stage="full"), verbose=False)
+    assert correct_and_count(final.last_eval) == (results["correct"], 120)
     assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())  # from any folder
     initial = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
     full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -288,6 +303,17 @@ def test_options_the_trainer_refuses_leave_no_run_directory(argv, shared_data_di
     assert run_dirs(tmp_path, "initial") == []  # so `--ckpt last.ckpt` still finds the last real run
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_lightnings_banners(quiet, shared_data_dir, tmp_path, caplog):
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--precision", "bf16-mixed"]
+    with caplog.at_level(logging.DEBUG, logger="mnist_lit"):
+        assert run(*argv, *(["--quiet"] if quiet else [])) == 0
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith(("pytorch_lightning", "lightning_fabric"))]
+    assert any("GPU available" in m for m in lightning) != quiet
+    assert any("Automatic Mixed Precision" in m for m in lightning) != quiet
+    assert len(epoch_lines(tmp_path / "initial" / "version_0")) == 1  # our own lines stay
+
+
 def test_save_dir_that_is_a_file(shared_data_dir, tmp_path, capsys):
     (tmp_path / "afile").write_text("keep me")
     assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path / "afile", "--quiet") == 2
@@ -331,9 +357,18 @@ def test_script_exit_code_and_single_line(tmp_path):
     ]
 
 
-def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shared_data_dir, tmp_path):
-    from mnist_lit.training import build_trainer
+def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shared_data_dir, tmp_path, monkeypatch):
+    import mnist_lit.training
 
+    precisions = []  # what each run's Trainer really got
+
+    def recording_build_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        precisions.append(trainer.precision)
+        return trainer
+
+    build_trainer = mnist_lit.training.build_trainer
+    monkeypatch.setattr(mnist_lit.training, "build_trainer", recording_build_trainer)
     common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet"]
     assert run(*common, "--epochs", "2", "--precision", "bf16-mixed", "--channels-last") == 0
     hparams = yaml.safe_load((tmp_path / "initial" / "version_0" / "hparams.yaml").read_text())
@@ -342,5 +377,4 @@ def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shar
     assert run(*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3") == 0
     full = yaml.safe_load((tmp_path / "full" / "version_0" / "hparams.yaml").read_text())
     assert (full["precision"], full["channels_last"]) == ("bf16-mixed", True)
-    trainer = build_trainer(parse_args(["--quiet"]), None, 1, fresh_optimizer=False, precision="bf16-mixed")
-    assert trainer.precision == "bf16-mixed"
+    assert precisions == ["bf16-mixed", "bf16-mixed"]  # the initial and the full stage's Trainers

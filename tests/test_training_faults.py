@@ -28,6 +28,27 @@ def reference(shared_data_dir, tmp_path_factory):
     return last_weights(save_dir / "initial" / "version_0")
 
 
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that breaks off leaves the previous file whole: the bytes go to a .part file first."""
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from mnist_lit.training import AtomicCheckpointIO
+
+    def breaks_off(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"the previous checkpoint")
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", breaks_off)
+    with pytest.raises(OSError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1}, target)
+    assert target.read_bytes() == b"the previous checkpoint"
+    monkeypatch.undo()
+    AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
+    assert torch.load(target, weights_only=True) == {"epoch": 2} and not list(tmp_path.glob("*.part"))
+
+
 @pytest.mark.parametrize("moment", ["train-step-12", "validation-epoch-3", "ckpt-write-3"])
 def test_killed_run_resumes_to_identical_weights(moment, reference, shared_data_dir, tmp_path):
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]
