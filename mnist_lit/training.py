@@ -360,13 +360,13 @@ def choose_settings(args: argparse.Namespace, ckpt: dict | None, resume: bool) -
     if ckpt is None:
         settings = {**RECIPES[args.recipe or "seed"], **given}
         return settings, args.epochs or settings["epochs"]
-    if args.recipe and args.recipe != ckpt["hyper_parameters"].get("recipe", "seed"):
-        raise UserError(
-            f"--recipe {args.recipe} differs from the checkpoint's {ckpt['hyper_parameters'].get('recipe', 'seed')}: "
-            "a checkpoint brings its own settings"
-        )
     saved = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
     settings = {key: saved.get(key, SEED[key]) for key in SEED}  # checkpoints from before a setting existed
+    if "recipe" in given and given["recipe"] != settings["recipe"]:
+        raise UserError(
+            f"--recipe {given['recipe']} differs from the checkpoint's {settings['recipe']}: a checkpoint brings its "
+            "own settings"
+        )
     done = ckpt["epoch"] + 1  # our checkpoints are written at the end of an epoch
     if resume:
         for key, value in given.items():

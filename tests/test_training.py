@@ -1,7 +1,6 @@
 """mnist_lit.training and scripts/train.py: both stages end to end on small IDX files, resume, CLI, errors."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -306,8 +305,7 @@ def test_options_the_trainer_refuses_leave_no_run_directory(argv, shared_data_di
 @pytest.mark.parametrize("quiet", [True, False])
 def test_quiet_silences_lightnings_banners(quiet, shared_data_dir, tmp_path, caplog):
     argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--precision", "bf16-mixed"]
-    with caplog.at_level(logging.DEBUG, logger="mnist_lit"):
-        assert run(*argv, *(["--quiet"] if quiet else [])) == 0
+    assert run(*argv, *(["--quiet"] if quiet else [])) == 0
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith(("pytorch_lightning", "lightning_fabric"))]
     assert any("GPU available" in m for m in lightning) != quiet
     assert any("Automatic Mixed Precision" in m for m in lightning) != quiet
@@ -360,6 +358,7 @@ def test_script_exit_code_and_single_line(tmp_path):
 def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shared_data_dir, tmp_path, monkeypatch):
     import mnist_lit.training
 
+    build_trainer = mnist_lit.training.build_trainer
     precisions = []  # what each run's Trainer really got
 
     def recording_build_trainer(*args, **kwargs):
@@ -367,7 +366,6 @@ def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shar
         precisions.append(trainer.precision)
         return trainer
 
-    build_trainer = mnist_lit.training.build_trainer
     monkeypatch.setattr(mnist_lit.training, "build_trainer", recording_build_trainer)
     common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet"]
     assert run(*common, "--epochs", "2", "--precision", "bf16-mixed", "--channels-last") == 0
