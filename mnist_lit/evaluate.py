@@ -14,23 +14,23 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, nothing global to close
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.data import DATASETS, NUM_CLASSES, MNISTDataModule, ensure_raw_files
+from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.inference import Trained, classify, load_trained
+from mnist_lit.idx import DATASETS, NUM_CLASSES, ensure_raw_files
+from mnist_lit.inference import Trained, classify, load_trained, run_settings
 
 
 def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels of ``split``; 'val' is the checkpoint's own initial-stage validation split."""
-    if split == "val" and trained.ckpt["hyper_parameters"]["stage"] == "full":
+    if split == "val" and trained.stage == "full":
         raise UserError(
             f"{trained.path} is a full-stage model, trained on all training images: its 'val' split is training "
             "data; use --split test"
         )
-    data = trained.ckpt.get("datamodule_hyper_parameters", {})
+    data = run_settings(trained.ckpt)
     ensure_raw_files(data_dir, trained.dataset)
-    datamodule = MNISTDataModule(
-        str(data_dir), trained.dataset, "initial", data.get("val_fraction", 0.1), data.get("seed", 0)
-    )
+    split_settings = {key: data[key] for key in ("val_fraction", "seed") if key in data}
+    datamodule = MNISTDataModule(str(data_dir), trained.dataset, "initial", **split_settings)
     if split == "test":
         return datamodule.test_set  # reads the test files only
     datamodule.setup()

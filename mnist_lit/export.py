@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit.data import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.idx import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
 from mnist_lit.inference import Classifier, Trained, classify, load_trained
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"

@@ -1,5 +1,6 @@
 """Using a trained model outside training: read a checkpoint safely, rebuild the model, classify pixels."""
 
+import inspect
 import pickle
 import re
 from dataclasses import dataclass
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_lit.data import dataset_spec, normalize
+from mnist_lit.data import normalize
 from mnist_lit.errors import UserError
+from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
 
 
@@ -31,9 +33,15 @@ def load_checkpoint(path: Path) -> dict:
             f"{path}: not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
         ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "stage" not in hparams or "state_dict" not in ckpt:
+    if not isinstance(hparams, dict) or "stage" not in run_settings(ckpt) or "state_dict" not in ckpt:
         raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
     return ckpt
+
+
+def run_settings(ckpt: dict) -> dict:
+    """The model's and the data's settings a checkpoint records (stage, dataset, seed, net, ...). Checkpoints of
+    mnist_lit 0.1 kept stage and dataset among the model's hyperparameters; they are read the same way."""
+    return {**ckpt.get("hyper_parameters", {}), **ckpt.get("datamodule_hyper_parameters", {})}
 
 
 class Classifier(nn.Module):
@@ -63,18 +71,24 @@ class Trained:
     path: Path
 
     @property
+    def stage(self) -> str:
+        return run_settings(self.ckpt)["stage"]
+
+    @property
     def run_dir(self) -> Path | None:
         """The run directory the checkpoint was written in (``<run>/checkpoints/<name>.ckpt``); None for a
         checkpoint kept elsewhere (a copy, a download)."""
         folder = self.path.resolve().parent
-        return folder.parent if folder.name == "checkpoints" and (folder.parent / "hparams.yaml").is_file() else None
+        return folder.parent if folder.name == "checkpoints" and (folder.parent / "command.txt").is_file() else None
 
 
 def module_from_checkpoint(ckpt: dict, path) -> MNISTLitModule:
     """The LightningModule a checkpoint describes, with its weights loaded; UserError if they do not fit."""
     hparams = ckpt["hyper_parameters"]
+    # Only the model's own settings: mnist_lit 0.1 also kept run settings (stage, epochs, precision, ...) there.
+    known = inspect.signature(MNISTLitModule).parameters
     try:
-        module = MNISTLitModule(**hparams)
+        module = MNISTLitModule(**{k: v for k, v in hparams.items() if k in known})
     except TypeError as err:
         raise UserError(f"{path}: settings this version does not know ({err})") from None
     try:
@@ -89,7 +103,7 @@ def load_trained(path, dataset: str | None = None) -> Trained:
     """Rebuild the model of a checkpoint in eval mode; ``dataset``, if given, must be the one it was trained on."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    trained_on = ckpt["hyper_parameters"].get("dataset", "mnist")
+    trained_on = run_settings(ckpt).get("dataset", "mnist")
     if dataset is not None and dataset != trained_on:
         raise UserError(f"{path} was trained on {trained_on}, not {dataset}")
     module = module_from_checkpoint(ckpt, path).eval()

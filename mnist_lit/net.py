@@ -32,7 +32,7 @@ class LeNet(nn.Module):
 
 class LinearNet(nn.Module):
     """Softmax regression: one Linear(784, 10) layer, the classic baseline (90.4 % after the benchmark's one
-    epoch). Nearly free to run, so ``scripts/benchmark.py --net linear`` times what the code around a net costs."""
+    epoch). Nearly free to run, so ``benchmarks/benchmark.py --net linear`` times what the code around a net costs."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_lit.data import DATASETS, IMAGE_SIZE
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.idx import DATASETS, IMAGE_SIZE
 from mnist_lit.inference import Trained, classify, load_trained
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20, keeping its aspect ratio, then centred it in 28x28

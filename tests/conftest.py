@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_lit.data import FILES, raw_dir
+from mnist_lit.idx import FILES, raw_dir
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -95,7 +95,7 @@ def _no_download(monkeypatch):
 @pytest.fixture(scope="session")
 def trained_ckpt(shared_data_dir, tmp_path_factory) -> Path:
     """A tiny model trained for 3 epochs on the small IDX files: the last.ckpt of its initial-stage run."""
-    from mnist_lit.training import main
+    from mnist_lit.cli import main
 
     save_dir = tmp_path_factory.mktemp("trained")
     argv = ["--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "3", "--lr", "0.05", "--quiet"]

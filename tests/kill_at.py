@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from mnist_lit import module, training
+from mnist_lit import callbacks, cli, module
 
 
 def die() -> None:
@@ -38,7 +38,7 @@ def arm(moment: str) -> None:
 
         lit.validation_step = validation_step
     elif kind == "ckpt-write":
-        io = training.AtomicCheckpointIO
+        io = callbacks.AtomicCheckpointIO
         original_save = io.save_checkpoint
 
         def save_checkpoint(self, checkpoint, path, storage_options=None):
@@ -54,4 +54,4 @@ def arm(moment: str) -> None:
 
 if __name__ == "__main__":
     arm(sys.argv[1])
-    sys.exit(training.main(sys.argv[2:]))
+    sys.exit(cli.main(sys.argv[2:]))

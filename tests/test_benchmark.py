@@ -1,10 +1,17 @@
-"""mnist_lit.benchmark: every variant runs in its own process and is reported against the plain loop."""
+"""benchmarks/benchmark.py: every variant runs in its own process and is reported against the plain loop."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from mnist_lit.benchmark import benchmark, main, measure
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ is tooling, not a package: load the script from its path
+_spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+benchmark, main, measure = bench.benchmark, bench.main, bench.measure
 
 
 def check_report(report: dict, variants: list[str]) -> None:
@@ -16,16 +23,22 @@ def check_report(report: dict, variants: list[str]) -> None:
         assert all(0 <= r["acc"] <= 1 for r in figures["rounds"])
         assert len(figures["round_ratios"]) == len(figures["rounds"]) and all(q > 0 for q in figures["round_ratios"])
     assert report["variants"]["plain"]["round_ratios"] == [1.0] * report["rounds"]
+    assert report["variants"]["plain"]["median_round_ratio_to_plain"] == 1.0
+    if "bare_auto" in variants:
+        assert report["variants"]["bare_auto"]["ratio_to_bare_auto"] == 1.0
+        assert all(figures["ratio_to_bare_auto"] > 0 for figures in report["variants"].values())
+    else:
+        assert all(figures["ratio_to_bare_auto"] is None for figures in report["variants"].values())
 
 
-def test_one_epoch_of_plain_ours_bare_and_the_obvious_setup(shared_data_dir, tmp_path):
+def test_one_epoch_of_plain_ours_bare_bare_auto_and_the_obvious_setup(shared_data_dir, tmp_path):
     out = tmp_path / "bench.json"
-    variants = ["plain", "ours", "bare", "obvious"]
+    variants = ["plain", "ours", "bare", "bare_auto", "obvious"]
     report = benchmark(str(shared_data_dir), epochs=1, rounds=2, variants=variants, out=str(out), protocol=False)
     check_report(report, variants)
     assert json.loads(out.read_text()) == report
-    # plain, ours and bare make the same steps on the same batches from the same initial weights
-    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in ("plain", "ours", "bare")}
+    # plain, ours, bare and bare_auto make the same steps on the same batches from the same initial weights
+    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in ("plain", "ours", "bare", "bare_auto")}
     assert len(set(accuracies.values())) == 1, accuracies
 
 
@@ -46,8 +59,8 @@ def test_speed_option_variants_run(variant, shared_data_dir):
 
 def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json")]
-    assert main([*base, "--protocol", "--variants", "plain", "bare"]) != 0
-    assert "obvious and bare have no --protocol mode" in capsys.readouterr().err
+    assert main([*base, "--protocol", "--variants", "plain", "bare_auto"]) != 0
+    assert "obvious, bare and bare_auto have no --protocol mode" in capsys.readouterr().err
     assert main([*base, "--epochs", "0"]) != 0
     assert "--epochs and --rounds must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
@@ -58,8 +71,8 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
 
 
 def test_the_linear_net_runs_in_every_timed_variant(shared_data_dir, tmp_path):
-    variants = ["plain", "ours", "bare"]
+    variants = ["plain", "ours", "bare", "bare_auto"]
     report = benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), False, net_name="linear")
     check_report(report, variants)
     assert report["net"] == "linear"
-    assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all three
+    assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all four

@@ -82,7 +82,7 @@ def test_test_split_needs_only_the_test_files(trained_ckpt, data_dir, tmp_path):
 
 def test_val_split_of_a_full_stage_model_is_refused(trained_ckpt, shared_data_dir, tmp_path, capsys):
     ckpt = torch.load(trained_ckpt, weights_only=True)
-    ckpt["hyper_parameters"]["stage"] = "full"  # a full-stage model has trained on the validation images
+    ckpt["datamodule_hyper_parameters"]["stage"] = "full"  # a full-stage model has trained on the validation images
     full = tmp_path / "full.ckpt"
     torch.save(ckpt, full)
     argv = ["--ckpt", str(full), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(tmp_path / "ev")]
@@ -102,7 +102,7 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
 def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
     from conftest import write_mnist
 
-    from mnist_lit.training import main as train_main
+    from mnist_lit.cli import main as train_main
 
     data_dir = write_mnist(tmp_path / "data", dataset="fashion_mnist")
     argv = ["--dataset", "fashion_mnist", "--data-dir", data_dir, "--save-dir", tmp_path / "runs", "--epochs", "1"]
@@ -113,3 +113,37 @@ def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
     assert metrics["dataset"] == "fashion_mnist" and "Ankle boot" in metrics["per_class"]
     assert "Ankle boot" in capsys.readouterr().out
     assert main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--dataset", "mnist"]) == 2  # not silently
+
+
+def checkpoint_of_version_0_1(ckpt: dict) -> dict:
+    """The layout mnist_lit 0.1 wrote (before configs): run settings among the model's hyperparameters, float64
+    pixel statistics, no config."""
+    old = {key: value for key, value in ckpt.items() if key != "config"}
+    data = ckpt["datamodule_hyper_parameters"]
+    old["hyper_parameters"] = {
+        **ckpt["hyper_parameters"],
+        **{key: data[key] for key in ("stage", "dataset", "seed")},
+        **{"recipe": "seed", "epochs": 3, "precision": "32-true", "ema_decay": 0.0},
+    }
+    old["state_dict"] = {**ckpt["state_dict"], "pixel_stats": ckpt["state_dict"]["pixel_stats"].double()}
+    return old
+
+
+def test_checkpoints_of_version_0_1_still_evaluate_and_train_py_says_why_it_cannot_go_on(
+    trained_ckpt, shared_data_dir, tmp_path, capsys
+):
+    from mnist_lit.cli import main as train_main
+
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint_of_version_0_1(torch.load(trained_ckpt, weights_only=True)), old)
+    new_eval, old_eval = tmp_path / "new", tmp_path / "old"
+    assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir), "--out", str(new_eval)]) == 0
+    assert main(["--ckpt", str(old), "--data-dir", str(shared_data_dir), "--out", str(old_eval)]) == 0
+    figures = [json.loads((d / "metrics.json").read_text()) for d in (new_eval, old_eval)]
+    assert figures[0]["confusion_matrix"] == figures[1]["confusion_matrix"] and figures[1]["count"] == 120
+    capsys.readouterr()
+    argv = ["--stage", "full", "--ckpt", str(old), "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
+    assert train_main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "written by mnist_lit 0.1, before configs" in err and err.count("\n") == 1
+    assert not (tmp_path / "full").exists()

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import mnist_lit.export
-from mnist_lit.data import load_split, raw_dir
 from mnist_lit.export import CONTRACT_KEY, main
+from mnist_lit.idx import load_split, raw_dir
 from mnist_lit.inference import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]

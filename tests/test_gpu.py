@@ -7,16 +7,15 @@ import pytorch_lightning as pl
 import torch
 
 from mnist_lit import evaluate
+from mnist_lit.cli import main, recipe_names
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.module import MNISTLitModule
-from mnist_lit.recipes import RECIPES
-from mnist_lit.training import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_batches_are_cut_on_the_gpu_and_run_under_bf16_autocast(shared_data_dir):
-    model = MNISTLitModule(net="slim", precision="bf16-mixed", channels_last=True)
+    model = MNISTLitModule(net="slim", channels_last=True)
     seen = []
     first_conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda module, args, out: seen.append((args[0].device.type, out.dtype)))
@@ -37,7 +36,7 @@ def test_batches_are_cut_on_the_gpu_and_run_under_bf16_autocast(shared_data_dir)
     assert seen and set(seen) == {("cuda", torch.bfloat16)}
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_recipe_trains_both_stages_on_the_gpu_and_evaluates_on_the_cpu(recipe, shared_data_dir, tmp_path):
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet", "--accelerator", "gpu"]
     assert main([*common, "--recipe", recipe, "--epochs", "2", "--devices", "1"]) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REAL_DATA
 
-from mnist_lit.training import main
+from mnist_lit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

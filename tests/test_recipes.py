@@ -1,4 +1,4 @@
-"""mnist_lit.recipes: each recipe builds, trains a step, records itself, and goes on into the full stage."""
+"""configs/*.yaml: each recipe loads, builds, trains a step, records itself, and goes on into the full stage."""
 
 import signal
 import subprocess
@@ -11,60 +11,95 @@ import torch
 import yaml
 from conftest import digits, loss_before_and_after_one_step
 
+from mnist_lit.cli import CONFIGS, main, recipe_names
 from mnist_lit.data import MNISTDataModule, normalize
-from mnist_lit.errors import UserError
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import SlimNet
-from mnist_lit.recipes import DATA_ONLY, RECIPES
-from mnist_lit.training import choose_settings, main, parse_args
 
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+def resolved(capsys, *argv) -> dict:
+    """The settings --print_config resolves for these options."""
+    capsys.readouterr()
+    assert main([*map(str, argv), "--print_config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_recipe_file_is_found_and_names_itself():
+    assert recipe_names() == ["fast", "seed", "strong"]
+    for name in recipe_names():
+        assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["recipe"] == name
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_recipe_resolves_to_its_files_settings_over_the_defaults(recipe, capsys):
+    config = resolved(capsys, "--recipe", recipe)
+    assert config == resolved(capsys, "--config", CONFIGS / f"{recipe}.yaml")  # --recipe is the short form
+    own = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
+    for section in ("model", "data", "trainer"):
+        for key, value in own.get(section, {}).items():
+            if key != "callbacks":
+                assert config[section][key] == value, (section, key)
+    assert config["recipe"] == recipe and config["seed_everything"] == 0
+    defaults = resolved(capsys)  # the seed recipe: the classes' defaults
+    untouched = set(defaults["model"]) - set(own.get("model", {}))
+    assert all(config["model"][key] == defaults["model"][key] for key in untouched)
+
+
+def test_the_seed_recipe_is_the_original_protocol(capsys):
+    config = resolved(capsys)
+    model, data = config["model"], config["data"]
+    assert (model["net"], model["optimizer"], model["lr"], model["momentum"]) == ("lenet", "sgd", 0.01, 0.5)
+    assert (model["schedule"], model["milestones"], model["gamma"]) == ("multistep", [2, 10], 0.1)
+    assert (data["batch_size"], data["eval_batch_size"], data["val_fraction"]) == (64, 1000, 0.1)
+    assert (config["trainer"]["max_epochs"], config["recipe"], config["stage"]) == (20, "seed", "initial")
+
+
+def test_config_files_stack_the_later_wins(capsys, tmp_path):
+    (tmp_path / "mine.yaml").write_text("model:\n  lr: 0.002\n")
+    config = resolved(capsys, "--recipe", "fast", "--config", tmp_path / "mine.yaml")
+    assert config["model"]["lr"] == 0.002 and config["model"]["net"] == "slim"
+    assert resolved(capsys, "--config", tmp_path / "mine.yaml", "--recipe", "fast")["model"]["lr"] == 0.01
+    assert resolved(capsys, "--recipe", "fast", "--lr", "0.003")["model"]["lr"] == 0.003  # the command line last
+
+
+def model_of(recipe: str) -> MNISTLitModule:
+    settings = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text()).get("model", {})
+    return MNISTLitModule(**settings)
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_recipe_builds_and_a_training_step_lowers_the_loss(recipe):
-    settings = {k: v for k, v in RECIPES[recipe].items() if k not in DATA_ONLY}
+    config = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
     torch.manual_seed(0)
-    model = MNISTLitModule(**{**settings, "schedule": "multistep"})  # onecycle warms up from lr/25: tested below
+    model = model_of(recipe)
+    model.hparams.schedule = "multistep"  # onecycle warms up from lr/25: tested below
     images, labels = digits(64, seed=0)
-    before, after = loss_before_and_after_one_step(model, (normalize(images), labels.long()), settings["precision"])
+    precision = config.get("trainer", {}).get("precision", "32-true")
+    before, after = loss_before_and_after_one_step(model, (normalize(images), labels.long()), precision)
     assert after < before
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_recipe_runs_both_stages_and_is_recorded(recipe, shared_data_dir, tmp_path):
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--quiet"]
     assert main([*common, "--recipe", recipe, "--epochs", "2"]) == 0
-    hparams = yaml.safe_load((tmp_path / "initial" / "version_0" / "hparams.yaml").read_text())
-    assert hparams["recipe"] == recipe and hparams["net"] == RECIPES[recipe]["net"]
-    assert hparams["optimizer"] == RECIPES[recipe]["optimizer"]
+    config = yaml.safe_load((tmp_path / "initial" / "version_0" / "config.yaml").read_text())
+    model = model_of(recipe).hparams
+    assert config["recipe"] == recipe and config["model"]["net"] == model.net
+    assert config["model"]["optimizer"] == model.optimizer
     assert main([*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3"]) == 0
-    full = yaml.safe_load((tmp_path / "full" / "version_0" / "hparams.yaml").read_text())
-    assert (full["recipe"], full["net"], full["lr"], full["schedule"]) == (recipe, hparams["net"], 1e-4, "multistep")
-
-
-def test_recipe_settings_can_be_overridden_but_not_on_a_checkpoint():
-    settings, epochs = choose_settings(parse_args(["--recipe", "fast", "--lr", "0.002"]), None, resume=False)
-    assert settings["lr"] == 0.002 and settings["net"] == "slim" and epochs == RECIPES["fast"]["epochs"]
-    settings, _ = choose_settings(parse_args(["--recipe", "strong", "--ema-decay", "0.9995"]), None, resume=False)
-    assert settings["ema_decay"] == 0.9995 and settings["net"] == "wide"
-    fast_ckpt = {"hyper_parameters": {**RECIPES["fast"], "stage": "initial"}, "epoch": 0}
-    with pytest.raises(UserError, match="--recipe strong differs from the checkpoint's fast"):
-        choose_settings(parse_args(["--recipe", "strong"]), fast_ckpt, resume=True)
-    settings, _ = choose_settings(parse_args(["--recipe", "fast"]), fast_ckpt, resume=True)  # the same command
-    assert settings["net"] == "slim"
-
-
-def test_seed_recipe_is_the_original_protocol():
-    settings, epochs = choose_settings(parse_args([]), None, resume=False)
-    assert (settings["milestones"], settings["lr"], settings["momentum"], epochs) == ([2, 10], 0.01, 0.5, 20)
-    assert (settings["batch_size"], settings["eval_batch_size"], settings["val_fraction"]) == (64, 1000, 0.1)
+    full = yaml.safe_load((tmp_path / "full" / "version_0" / "config.yaml").read_text())
+    assert (full["recipe"], full["model"]["net"], full["model"]["optimizer"]) == (recipe, model.net, model.optimizer)
+    assert (full["model"]["lr"], full["model"]["schedule"], full["model"]["milestones"]) == (1e-4, "multistep", [])
+    assert full["trainer"]["callbacks"] == config["trainer"]["callbacks"]  # the EMA goes on with the strong recipe
 
 
 def test_onecycle_peaks_at_lr_and_anneals():
-    module = MNISTLitModule(**{k: v for k, v in RECIPES["fast"].items() if k not in DATA_ONLY})
+    module = model_of("fast")
     module._trainer = types.SimpleNamespace(estimated_stepping_batches=200)  # what configure_optimizers reads
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -73,7 +108,7 @@ def test_onecycle_peaks_at_lr_and_anneals():
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    lr = RECIPES["fast"]["lr"]
+    lr = module.hparams.lr
     assert lrs[0] == pytest.approx(lr / 25)  # OneCycle's warm-up start
     assert max(lrs) == pytest.approx(lr) and 50 <= lrs.index(max(lrs)) <= 70  # the peak, at ~30 % of the steps
     assert lrs[-1] < lr * 1e-4  # annealed to ~0 by the stage's last step
@@ -118,10 +153,11 @@ def test_strong_recipe_saves_batchnorm_statistics_recomputed_for_the_averaged_we
     path = tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = load_checkpoint(path)
     model = module_from_checkpoint(ckpt, path)
-    datamodule = MNISTDataModule(shared_data_dir, val_fraction=RECIPES["strong"]["val_fraction"])
+    data = yaml.safe_load((CONFIGS / "strong.yaml").read_text())["data"]
+    datamodule = MNISTDataModule(shared_data_dir, val_fraction=data["val_fraction"])
     datamodule.setup()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model.recompute_batchnorm_stats(datamodule.train_set[0])
+        model.recompute_batchnorm_stats(datamodule.train_set[0], datamodule.hparams.eval_batch_size)
     stats = [k for k in ckpt["state_dict"] if k.endswith(("running_mean", "running_var"))]
     assert stats
     for key in stats:

@@ -11,12 +11,13 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
+from mnist_lit.cli import expand_short_flags, main
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.evaluate import read_scalars
 from mnist_lit.loss import nll_loss
-from mnist_lit.module import MNISTLitModule, correct_and_count
-from mnist_lit.training import choose_settings, main, parse_args, resolve_ckpt, run_dirs
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.runs import resolve_ckpt, run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 # 320 training images -> 288 train / 32 val with the default 10 %; batch 64 -> 5 steps per epoch.
@@ -61,8 +62,9 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
         ["epoch", "4", "lr", "0.0005"],
     ]
     assert all("val " in line and "/32 (" in line for line in lines)
-    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
-    assert hparams["stage"] == "initial" and hparams["milestones"] == [2, 3] and hparams["batch_size"] == 64
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["stage"] == "initial" and config["model"]["milestones"] == [2, 3]
+    assert (config["data"]["batch_size"], config["trainer"]["max_epochs"], config["recipe"]) == (64, 4, "seed")
     assert "--milestones 2 3" in (run_dir / "command.txt").read_text()
     assert (run_dir / "code" / "mnist_lit" / "data.py").is_file()
     assert (run_dir / "code" / "scripts" / "train.py").is_file()
@@ -88,7 +90,7 @@ def test_last_ckpt_is_written_every_epoch_even_without_numbered_saves(shared_dat
 def test_checkpoint_loads_safely(initial_run):
     _, _, run_dir = initial_run
     model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert model.hparams.stage == "initial" and model.hparams.milestones == [2, 3]
+    assert model.hparams.milestones == [2, 3] and model.hparams.lr == 0.05
 
 
 def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
@@ -111,7 +113,8 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     final = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     tester.test(final, datamodule=MNISTDataModule(str(data_dir), stage="full"), verbose=False)
-    assert correct_and_count(final.last_eval) == (results["correct"], 120)
+    assert float(tester.callback_metrics["test/acc"]) == pytest.approx(results["acc"])
+    assert int(tester.callback_metrics["test/count"]) == 120
     assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())  # from any folder
     initial = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
     full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -134,16 +137,24 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     assert same_tensors(expected, net_weights(run_dir / "checkpoints" / "last.ckpt"))
 
 
-def test_full_stage_trains_20_more_epochs_by_default(initial_run):
-    _, _, initial_dir = initial_run
-    ckpt = torch.load(initial_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    settings, epochs = choose_settings(parse_args(["--stage", "full"]), ckpt, resume=False)
-    assert epochs == 4 + 20
-    assert (settings["lr"], settings["milestones"], settings["momentum"]) == (1e-4, [], 0.5)
-    assert settings["seed"] == 0 and settings["batch_size"] == 64  # inherited from the initial run
-    with pytest.raises(UserError, match="not beyond"):  # a resume keeps the run's own last epoch: done already
-        choose_settings(parse_args([]), ckpt, resume=True)
-    assert choose_settings(parse_args(["--epochs", "6"]), ckpt, resume=True)[1] == 6
+def resolved_config(capsys, *argv) -> dict:
+    """What --print_config prints: the settings a run with these options would have."""
+    capsys.readouterr()
+    assert run(*argv, "--print_config") == 0
+    return yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])  # after the "--ckpt x -> path" line
+
+
+def test_full_stage_takes_the_runs_settings_then_full_yaml_and_20_more_epochs(initial_run, capsys):
+    data_dir, save_dir, initial_dir = initial_run
+    last, full_runs = initial_dir / "checkpoints" / "last.ckpt", run_dirs(save_dir, "full")
+    config = resolved_config(capsys, "--stage", "full", "--ckpt", last, "--save-dir", save_dir)
+    assert config["trainer"]["max_epochs"] == 4 + 20
+    assert (config["model"]["lr"], config["model"]["milestones"], config["model"]["momentum"]) == (1e-4, [], 0.5)
+    assert config["seed_everything"] == 0 and config["data"]["batch_size"] == 64  # inherited from the initial run
+    assert config["data"]["data_dir"] == str(data_dir) and config["ckpt"] == str(last.resolve())
+    assert run_dirs(save_dir, "full") == full_runs  # printing the settings starts no run
+    assert run("--ckpt", last, "--save-dir", save_dir, "--quiet") == 2  # a resume keeps the run's last epoch: done
+    assert resolved_config(capsys, "--ckpt", last, "--epochs", "6")["trainer"]["max_epochs"] == 6
 
 
 def test_resume_of_an_interrupted_run_gives_the_same_weights(initial_run, tmp_path):
@@ -191,13 +202,18 @@ def test_resolve_ckpt_for_the_full_stage(tmp_path):
     assert resolve_ckpt("last.ckpt", tmp_path, "full") == initial  # it finished: a new full stage
 
 
-def test_original_spellings_parse_like_the_new_ones():
-    old = parse_args(["--train-full", "1", "--resume", "x.ckpt"])
-    new = parse_args(["--stage", "full", "--ckpt", "x.ckpt"])
-    assert (old.stage, old.ckpt) == (new.stage, new.ckpt) == ("full", "x.ckpt")
-    assert parse_args(["--train-full", "0"]).stage == "initial"
+def test_original_and_short_spellings_are_the_full_names():
+    old = expand_short_flags(["--train-full", "1", "--resume", "x.ckpt", "--epochs", "30", "--milestones", "2", "4"])
+    assert old == ["--stage", "full", "--ckpt", "x.ckpt", "--trainer.max_epochs", "30", "--model.milestones=[2, 4]"]
+    assert expand_short_flags(["--train-full", "0"]) == ["--stage", "initial"]
+    assert expand_short_flags(["--lr=0.1", "--quiet", "--deterministic", "--milestones"]) == [
+        "--model.lr", "0.1", "--quiet=true", "--trainer.deterministic=true", "--model.milestones=[]"
+    ]  # fmt: skip
+    assert expand_short_flags(["--recipe", "fast"])[1].endswith("configs/fast.yaml")
     with pytest.raises(UserError, match="contradicts"):
-        parse_args(["--train-full", "1", "--stage", "initial"])
+        expand_short_flags(["--train-full", "1", "--stage", "initial"])
+    with pytest.raises(UserError, match="unknown --recipe 'slow': choose one of fast, seed, strong"):
+        expand_short_flags(["--recipe", "slow"])
 
 
 @pytest.mark.parametrize(
@@ -205,13 +221,16 @@ def test_original_spellings_parse_like_the_new_ones():
     [
         (["--stage", "full"], "--stage full needs --ckpt"),
         (["--ckpt", "missing.ckpt"], "missing.ckpt not found"),
-        (["--lr", "-1"], "--lr must be > 0"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
-        (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
-        (["--milestones", "10", "2"], "--milestones must be increasing"),
-        (["--stage", "half"], "invalid choice"),
+        (["--lr", "-1"], "model.lr must be > 0"),
+        (["--lr", "abc"], 'Parser key "model.lr": Expected a'),
+        (["--batch-size", "0"], "data.batch_size and data.eval_batch_size must be >= 1"),
+        (["--val-fraction", "1"], "data.val_fraction must be between 0 and 1"),
+        (["--milestones", "10", "2"], "model.milestones must be increasing"),
+        (["--model.optimizer", "rmsprop"], 'Parser key "model.optimizer"'),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
+        (["--stage", "half"], 'Parser key "stage"'),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--config", "nowhere.yaml"], "nowhere.yaml"),
     ],
 )
 def test_bad_options_give_one_error_line(argv, message, shared_data_dir, tmp_path, capsys):
@@ -250,9 +269,10 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", evil], "refused, it asks to load posix.system"),
         (["--ckpt", other_net], "its weights do not fit the lenet architecture"),
         (["--ckpt", last, "--epochs", "4"], "not beyond the checkpoint's epoch 4"),
-        (["--ckpt", last, "--lr", "0.1"], "--lr 0.1 differs from the checkpoint's 0.05"),
-        (["--ckpt", last, "--dataset", "kmnist"], "--dataset kmnist differs from the checkpoint's mnist"),
-        (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: --net slim differs from its lenet"),
+        (["--ckpt", last, "--lr", "0.1"], "model.lr 0.1 differs from the checkpoint's 0.05"),
+        (["--ckpt", last, "--dataset", "kmnist"], "data.dataset kmnist differs from the checkpoint's mnist"),
+        (["--ckpt", last, "--recipe", "fast"], "differs from the checkpoint's"),
+        (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: model.net slim differs from its lenet"),
         (["--ckpt", tmp_path], "a folder, not a checkpoint file"),
     ]
     for argv, message in cases:
@@ -356,23 +376,23 @@ def test_script_exit_code_and_single_line(tmp_path):
 
 
 def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shared_data_dir, tmp_path, monkeypatch):
-    import mnist_lit.training
+    from mnist_lit.cli import MNISTCLI
 
-    build_trainer = mnist_lit.training.build_trainer
+    instantiate_trainer = MNISTCLI.instantiate_trainer
     precisions = []  # what each run's Trainer really got
 
-    def recording_build_trainer(*args, **kwargs):
-        trainer = build_trainer(*args, **kwargs)
+    def recording(self, **kwargs):
+        trainer = instantiate_trainer(self, **kwargs)
         precisions.append(trainer.precision)
         return trainer
 
-    monkeypatch.setattr(mnist_lit.training, "build_trainer", recording_build_trainer)
+    monkeypatch.setattr(MNISTCLI, "instantiate_trainer", recording)
     common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet"]
     assert run(*common, "--epochs", "2", "--precision", "bf16-mixed", "--channels-last") == 0
-    hparams = yaml.safe_load((tmp_path / "initial" / "version_0" / "hparams.yaml").read_text())
-    assert (hparams["precision"], hparams["channels_last"]) == ("bf16-mixed", True)
+    config = yaml.safe_load((tmp_path / "initial" / "version_0" / "config.yaml").read_text())
+    assert (config["trainer"]["precision"], config["model"]["channels_last"]) == ("bf16-mixed", True)
     assert run(*common, "--ckpt", "last.ckpt", "--epochs", "3", "--precision", "32-true") == 2
     assert run(*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3") == 0
-    full = yaml.safe_load((tmp_path / "full" / "version_0" / "hparams.yaml").read_text())
-    assert (full["precision"], full["channels_last"]) == ("bf16-mixed", True)
+    full = yaml.safe_load((tmp_path / "full" / "version_0" / "config.yaml").read_text())
+    assert (full["trainer"]["precision"], full["model"]["channels_last"]) == ("bf16-mixed", True)
     assert precisions == ["bf16-mixed", "bf16-mixed"]  # the initial and the full stage's Trainers

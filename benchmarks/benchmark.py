@@ -1,28 +1,37 @@
 """Is Lightning's structure free? Time the same training several ways, interleaved, in one run.
 
+Run: ``python benchmarks/benchmark.py --data-dir ../shared/data [--epochs 1] [--rounds 3] [--net linear]
+[--variants plain ours ...] [--out benchmark.json]``, or ``python benchmarks/benchmark.py --data-dir ../shared/data
+--protocol --epochs 20`` for the whole two-stage protocol.
+
 1. ``plain``: a plain PyTorch loop over in-memory tensors (the reference, written out below);
-2. ``ours``: this project, exactly as ``scripts/train.py --quiet`` runs it (DataModule + LightningModule +
-   Trainer, checkpoints, TensorBoard, run directory and all);
+2. ``ours``: this project, exactly as its command line (``mnist_lit.cli``) runs it with ``--quiet`` (DataModule +
+   LightningModule + Trainer, checkpoints, TensorBoard, run directory and all);
 3. ``obvious``: the usual Lightning tutorial setup: torchvision ``datasets.MNIST`` with ``ToTensor`` and
    ``Normalize``, ``random_split``, a ``DataLoader``, per-step ``self.log``, a default ``Trainer``;
-4. ``bare``: the floor of Lightning's own cost: the plain loop's step as a LightningModule's training_step, under
-   a Trainer with checkpoints, logging, progress bar and model summary off;
+4. ``bare``: the floor of Lightning's own cost: the plain loop's step as a LightningModule's (manual) training_step,
+   under a Trainer with checkpoints, logging, progress bar and model summary off;
+5. ``bare_auto``: ``bare`` with Lightning's automatic optimization (training_step returns the loss,
+   configure_optimizers the SGD; the Trainer zeroes the gradients, calls backward and steps): the floor of the
+   usual way to write a LightningModule;
 and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the plain
 loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
 
 Same net (LeNet; ``--net linear``: one Linear layer, so that the times are almost all the code around the
-net), batch 64, SGD (lr 0.01, momentum 0.5), same number of epochs, each epoch = 54k training
-images + 6k validation images. With ``--protocol`` each measurement is the whole two-stage protocol instead
-(``scripts/run_all.sh``: EPOCHS initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs
-on all 60k at lr 1e-4 from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a
-fresh process (so peak RSS is its own) and times everything after the imports: reading the data, building the
-model, training, evaluating. The variants take turns round by round (in reverse order every other round); the
-median of the rounds is reported, with the ratio to ``plain``.
+net), the seed protocol's batch and SGD (64, lr 0.01, momentum 0.5: the defaults of MNISTDataModule and
+MNISTLitModule, read from there), same number of epochs, each epoch = 54k training images + 6k validation images.
+With ``--protocol`` each measurement is the whole two-stage protocol instead (``scripts/run_all.sh``: EPOCHS
+initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs on all 60k at configs/full.yaml's
+lr (1e-4) from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a fresh process (so
+peak RSS is its own) and times everything after the imports: reading the data, building the model, training,
+evaluating. The variants take turns round by round (in reverse order every other round); the median of the rounds
+is reported, with the ratio to ``plain`` and, where it ran, to ``bare_auto`` (the median of each round's own ratio).
 """
 
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import os
 import resource
@@ -35,30 +44,50 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from mnist_lit.data import load_split, normalize, pixel_stats, raw_dir, split_indices
+from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.idx import load_split, raw_dir
+from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import NETS
-from mnist_lit.recipes import FULL_STAGE, SEED
-from mnist_lit.training import keep_freed_memory
 
-BATCH, EVAL_BATCH, LR, MOMENTUM = 64, 1000, 0.01, 0.5
+ROOT = Path(__file__).resolve().parents[1]
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
+NO_PROTOCOL = ("obvious", "bare", "bare_auto")  # one-stage setups without checkpoints to go on from
+
+
+@functools.cache
+def seed_settings() -> dict:
+    """The seed protocol's settings that the hand-written variants copy, read from their single source: the
+    constructor defaults of MNISTLitModule and MNISTDataModule, and configs/full.yaml's lr for the full stage."""
+
+    def defaults(cls, *names: str) -> dict:
+        return {name: inspect.signature(cls).parameters[name].default for name in names}
+
+    full_stage = yaml.safe_load((ROOT / "configs" / "full.yaml").read_text())["model"]
+    return {
+        **defaults(MNISTLitModule, "lr", "momentum", "milestones", "gamma"),
+        **defaults(MNISTDataModule, "batch_size", "eval_batch_size", "val_fraction"),
+        "full_stage_lr": full_stage["lr"],
+    }
 
 
 def plain(
     data_dir: str, epochs: int, protocol: bool, net_name: str, bf16_cl: bool = False, compiled: bool = False
 ) -> float:
     """The reference: a plain PyTorch loop. Returns the last evaluation's accuracy."""
+    s = seed_settings()
+    batch, eval_batch = s["batch_size"], s["eval_batch_size"]
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
     mean, std = pixel_stats(images)
-    train_idx, val_idx = split_indices(len(labels), 0.1, seed=0)
-    initial_milestones = SEED["milestones"] if protocol else [epochs + 1]  # one lr throughout, unless the protocol's
+    train_idx, val_idx = split_indices(len(labels), s["val_fraction"], seed=0)
+    initial_milestones = s["milestones"] if protocol else [epochs + 1]  # one lr throughout, unless the protocol's
     # (training images, labels, evaluation images, labels, lr, milestones) of each stage
-    stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], LR, initial_milestones)]
-    if protocol:
-        stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), FULL_STAGE["lr"], []))
+    stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], s["lr"], initial_milestones)]
+    if protocol:  # the full stage: a constant lr (configs/full.yaml's milestones: [])
+        stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), s["full_stage_lr"], []))
     net = NETS[net_name]()
     if bf16_cl:
         net = net.to(memory_format=torch.channels_last)
@@ -72,12 +101,12 @@ def plain(
             return model(x).float()
 
     for train_x, train_y, eval_x, eval_y, lr, milestones in stages:
-        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM)  # fresh in each stage
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=s["momentum"])  # fresh in each stage
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, s["gamma"])
         for epoch in range(epochs):
             net.train()
             order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
-            for idx in order.split(BATCH):
+            for idx in order.split(batch):
                 optimizer.zero_grad()
                 F.nll_loss(forward(train_x[idx]), train_y[idx]).backward()
                 optimizer.step()
@@ -86,14 +115,14 @@ def plain(
             with torch.no_grad():
                 correct = sum(
                     int((forward(x).argmax(1) == y).sum())
-                    for x, y in zip(eval_x.split(EVAL_BATCH), eval_y.split(EVAL_BATCH))
+                    for x, y in zip(eval_x.split(eval_batch), eval_y.split(eval_batch))
                 )
     return correct / len(eval_y)
 
 
 def ours(data_dir: str, epochs: int, protocol: bool, net_name: str, options: tuple[str, ...] = ()) -> float:
-    """This project's pipeline, as scripts/train.py (and, with ``protocol``, scripts/run_all.sh) runs it."""
-    from mnist_lit.training import main
+    """This project's pipeline, as its command line (and, with ``protocol``, scripts/run_all.sh) runs it."""
+    from mnist_lit.cli import main
 
     with tempfile.TemporaryDirectory() as save_dir:
         common = ["--data-dir", data_dir, "--save-dir", save_dir, "--quiet"]
@@ -108,28 +137,32 @@ def ours(data_dir: str, epochs: int, protocol: bool, net_name: str, options: tup
         return json.loads(next(Path(save_dir).glob(f"{stage}/version_0/results.json")).read_text())["acc"]
 
 
-def bare(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
-    """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's (manual) training_step,
-    the same in-memory batches, and a Trainer with checkpoints, logging, progress bar and model summary off."""
+def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: bool = False) -> float:
+    """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's training_step (manual
+    optimization; ``automatic``: Lightning's automatic optimization), the same in-memory batches, and a Trainer
+    with checkpoints, logging, progress bar and model summary off."""
     import pytorch_lightning as pl
-
-    from mnist_lit.data import InMemoryLoader
 
     if protocol:
         raise UserError("the bare Lightning loop has no --protocol mode (it has no checkpoints to go on from)")
+    s = seed_settings()
 
     class BareModule(pl.LightningModule):
         def __init__(self, mean: float, std: float):
             super().__init__()
             self.net, self.mean, self.std = NETS[net_name](), mean, std
-            self.automatic_optimization = False
+            self.automatic_optimization = automatic
             self.correct = 0
 
+        def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.nll_loss(self.net(normalize(images, self.mean, self.std)), targets)
+
         def training_step(self, batch, batch_idx):
-            images, targets = batch
+            if automatic:  # the Trainer zeroes the gradients, calls backward and steps the optimizer
+                return self.loss(*batch)
             optimizer = self.optimizers()
             optimizer.zero_grad()
-            self.manual_backward(F.nll_loss(self.net(normalize(images, self.mean, self.std)), targets))
+            self.manual_backward(self.loss(*batch))
             optimizer.step()
 
         def on_validation_epoch_start(self):
@@ -140,11 +173,11 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
             self.correct += int((self.net(normalize(images, self.mean, self.std)).argmax(1) == targets).sum())
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+            return torch.optim.SGD(self.parameters(), lr=s["lr"], momentum=s["momentum"])
 
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
-    train_idx, val_idx = split_indices(len(labels), 0.1, seed=0)
+    train_idx, val_idx = split_indices(len(labels), s["val_fraction"], seed=0)
     module = BareModule(*pixel_stats(images))
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -154,8 +187,8 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    train = InMemoryLoader(images[train_idx], labels[train_idx], BATCH, shuffle=True)
-    val = InMemoryLoader(images[val_idx], labels[val_idx], EVAL_BATCH, shuffle=False)
+    train = InMemoryLoader(images[train_idx], labels[train_idx], s["batch_size"], shuffle=True)
+    val = InMemoryLoader(images[val_idx], labels[val_idx], s["eval_batch_size"], shuffle=False)
     trainer.fit(module, train, val)
     return module.correct / len(val_idx)
 
@@ -166,6 +199,8 @@ def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
     from torch.utils.data import DataLoader, random_split
     from torchmetrics.classification import MulticlassAccuracy
     from torchvision import datasets, transforms
+
+    s = seed_settings()
 
     class TutorialModule(pl.LightningModule):
         def __init__(self):
@@ -187,7 +222,7 @@ def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
             self.log("val_acc", self.val_acc)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+            return torch.optim.SGD(self.parameters(), lr=s["lr"], momentum=s["momentum"])
 
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -196,7 +231,8 @@ def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
     module = TutorialModule()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(max_epochs=epochs, default_root_dir=root, enable_progress_bar=False)
-        trainer.fit(module, DataLoader(train_set, batch_size=BATCH, shuffle=True), DataLoader(val_set, EVAL_BATCH))
+        train_loader = DataLoader(train_set, batch_size=s["batch_size"], shuffle=True)
+        trainer.fit(module, train_loader, DataLoader(val_set, s["eval_batch_size"]))
     return float(trainer.callback_metrics["val_acc"])
 
 
@@ -211,6 +247,7 @@ VARIANTS = {
     "ours": ours,
     "obvious": obvious,
     "bare": bare,
+    "bare_auto": functools.partial(bare, automatic=True),
     "ours_bf16_cl": functools.partial(ours, options=SPEED_OPTIONS),
     "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
     "plain_compiled": functools.partial(plain, compiled=True),
@@ -219,7 +256,10 @@ VARIANTS = {
 
 def measure(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str = "lenet") -> dict:
     """Run one variant in this process; wall time after the imports, peak RSS of the process."""
-    keep_freed_memory()  # as train.py does: every variant runs under the same malloc settings
+    from mnist_lit.cli import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does: every variant runs under the same malloc settings
+    seed_settings()  # read before the clock starts
     start = time.perf_counter()
     accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name)
     seconds = time.perf_counter() - start
@@ -228,8 +268,8 @@ def measure(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: 
 
 
 def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str) -> dict:
-    cmd = [sys.executable, "-m", "mnist_lit.benchmark", "--child", variant, "--data-dir", data_dir, "--net", net_name]
-    cmd += ["--epochs", str(epochs)] + (["--protocol"] if protocol else [])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--data-dir", data_dir]
+    cmd += ["--net", net_name, "--epochs", str(epochs)] + (["--protocol"] if protocol else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last_line = (proc.stderr.strip().splitlines() or ["(no error output)"])[-1]
@@ -237,11 +277,16 @@ def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def round_ratios(results: list[dict], reference: list[dict] | None) -> list[float]:
+    """Each round's time over the reference's time in the same round (none without a reference)."""
+    return [r["seconds"] / ref["seconds"] for r, ref in zip(results, reference)] if reference else []
+
+
 def benchmark(
     data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool, net_name: str = "lenet"
 ) -> dict:
-    if protocol and {"obvious", "bare"} & set(variants):
-        raise UserError("obvious and bare have no --protocol mode: leave them out of --variants")
+    if protocol and set(NO_PROTOCOL) & set(variants):
+        raise UserError("obvious, bare and bare_auto have no --protocol mode: leave them out of --variants")
     # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k
     samples = epochs * (54000 + 6000) + (epochs * (60000 + 10000) if protocol else 0)
     epoch_count = 2 * epochs if protocol else epochs
@@ -263,20 +308,26 @@ def benchmark(
     print(f"\nmedian of {rounds} rounds, {what} of {net_name}, torch threads {torch.get_num_threads()}:")
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
-        # Each round's own ratio (against that round's plain loop) shows how much the machine's noise moves it.
-        round_ratios = [r["seconds"] / p["seconds"] for r, p in zip(results, runs["plain"])] if reference else []
+        # Each round's own ratio (against that round's plain loop, or bare_auto) shows how much the machine's
+        # noise moves it; their median is the figure least moved by a slow spell.
+        to_plain = round_ratios(results, runs.get("plain"))
+        to_bare_auto = round_ratios(results, runs.get("bare_auto"))
         summary[variant] = {
             "seconds": seconds,
             "seconds_per_epoch": seconds / epoch_count,
             "samples_per_s": samples / seconds,
             "ratio_to_plain": seconds / reference if reference else None,
-            "round_ratios": round_ratios,
+            "median_round_ratio_to_plain": statistics.median(to_plain) if to_plain else None,
+            "round_ratios": to_plain,
+            "ratio_to_bare_auto": statistics.median(to_bare_auto) if to_bare_auto else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "rounds": results,
         }
         ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
         if reference and variant != "plain":
-            ratio += f" (rounds: {min(round_ratios):.3f}-{max(round_ratios):.3f})"
+            ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f})"
+        if to_bare_auto:
+            ratio += f"  {summary[variant]['ratio_to_bare_auto']:5.3f}x bare_auto"
         print(
             f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
             f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"
@@ -304,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--net", default="lenet", choices=["lenet", "linear"], help="lenet (default) or linear")
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, help="default: plain ours bare obvious (--protocol: plain ours)"
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help="default: plain ours bare bare_auto obvious (--protocol: plain ours)",
     )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -319,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--epochs and --rounds must be >= 1")
         if Path(args.out).exists() and not args.force:  # before the minutes of timing, not after
             raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
-        variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "obvious"])
+        variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "bare_auto", "obvious"])
         benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net)
         return 0
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mnist_lit import module
-from mnist_lit.training import main
+from mnist_lit.cli import main
 
 HERE = Path(__file__).resolve().parent
 # 320 training images -> 288 train / 32 val, batch 64 -> 5 steps per epoch; 4 epochs = global steps 0..19.
@@ -32,7 +32,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A write that breaks off leaves the previous file whole: the bytes go to a .part file first."""
     from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-    from mnist_lit.training import AtomicCheckpointIO
+    from mnist_lit.callbacks import AtomicCheckpointIO
 
     def breaks_off(self, checkpoint, path, storage_options=None):
         Path(path).write_bytes(b"half a checkpoint")
@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(module, "nll_loss", loss_that_breaks)
     assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not finite from epoch 3, global step 12" in err, err
+    assert err.count("\n") == 1 and "the loss is not finite in epoch 3; stopped before saving" in err, err
     run_dir = tmp_path / "initial" / "version_0"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # epoch 2's checkpoint, not overwritten by the broken epoch 3

@@ -1,0 +1,372 @@
+"""``scripts/train.py``: LightningCLI over MNISTLitModule, MNISTDataModule and the Trainer, for both stages.
+
+Every constructor argument is a setting: ``--model.X``, ``--data.X``, ``--trainer.X``, or a key of a YAML file
+given with ``--config`` (``configs/seed.yaml`` is always read first; ``--recipe NAME`` is short for ``--config
+configs/NAME.yaml``). One code path serves every run:
+- a new ``initial`` stage (no ``--ckpt``);
+- a new ``full`` stage from an initial-stage checkpoint: the run's settings from the checkpoint, then
+  ``configs/full.yaml``, then the command line; Lightning restores weights, epoch and step (the curves go on),
+  then a fresh optimizer takes over, as in the original project;
+- an exact resume of an interrupted run (``--ckpt`` of the same stage): the checkpoint's settings, unchanged;
+  Lightning restores weights, optimizer, scheduler, epoch and step; the data order depends only on (seed, epoch).
+Each invocation writes into a new ``<save_dir>/<stage>/version_N`` and never touches an earlier run.
+"""
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from mnist_lit import callbacks
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.errors import UserError, exit_code
+from mnist_lit.inference import load_checkpoint, module_from_checkpoint
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.runs import console, launched_as_rank_zero, log_file, new_run_dir, resolve_ckpt, snapshot_code
+
+log = logging.getLogger("mnist_lit")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FULL_STAGE_EPOCHS = 20  # the full stage's length when --epochs is not given: epochs 21-40 in the original
+# Lightning-launched DDP processes read the checkpoint rank 0 resolved: a bare name could name another file by then.
+CKPT_ENV = "MNIST_LIT_CKPT"
+
+# The short flags of the original project and of earlier versions, as the full names the parser derives.
+SHORT_FLAGS = {
+    "--data-dir": "--data.data_dir",
+    "--dataset": "--data.dataset",
+    "--batch-size": "--data.batch_size",
+    "--eval-batch-size": "--data.eval_batch_size",
+    "--val-fraction": "--data.val_fraction",
+    "--net": "--model.net",
+    "--lr": "--model.lr",
+    "--momentum": "--model.momentum",
+    "--epochs": "--trainer.max_epochs",
+    "--precision": "--trainer.precision",
+    "--accelerator": "--trainer.accelerator",
+    "--devices": "--trainer.devices",
+    "--strategy": "--trainer.strategy",
+    "--num-nodes": "--trainer.num_nodes",
+    "--seed": "--seed_everything",
+    "--save-dir": "--save_dir",
+    "--save-freq": "--save_freq",
+    "--resume": "--ckpt",
+}
+SWITCHES = {  # short flags without a value
+    "--deterministic": "--trainer.deterministic=true",
+    "--channels-last": "--model.channels_last=true",
+    "--no-channels-last": "--model.channels_last=false",
+    "--quiet": "--quiet=true",
+}
+# What a resume may change: where things go, what is printed, the hardware, and (not for OneCycle) the last epoch.
+MAY_CHANGE_ON_RESUME = {
+    "ckpt", "save_dir", "save_freq", "quiet", "data.data_dir", "data.download", "trainer.max_epochs",
+    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.deterministic",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.logger",
+}  # fmt: skip
+TRAINER_DEFAULTS = {
+    "num_sanity_val_steps": 0,  # no sanity check: the first real validation comes after one epoch anyway
+    "use_distributed_sampler": False,  # our in-memory loaders split the batches between DDP processes themselves
+}
+
+
+def recipe_names() -> list[str]:
+    """The recipes in configs/ (full.yaml is the full stage's settings, not a recipe)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem != "full")
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """The short flags as their full names; ``--recipe NAME`` as ``--config configs/NAME.yaml``; the original's
+    ``--train-full 0|1`` as ``--stage initial|full``. Everything else is left to the parser."""
+    out, stages, i = [], {}, 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else None)
+        step = 1 if inline else 2
+        if flag in SWITCHES and not inline:
+            out.append(SWITCHES[flag])
+            step = 1
+        elif flag == "--milestones":  # nargs: the numbers that follow
+            numbers = [] if not inline else [inline]
+            j = i + 1
+            while not inline and j < len(argv) and argv[j].lstrip("-").isdigit():
+                numbers.append(argv[j])
+                j += 1
+            out.append(f"--model.milestones=[{', '.join(numbers)}]")
+            step = 1 if inline else j - i
+        elif flag == "--recipe" and value is not None:
+            if value not in recipe_names():
+                raise UserError(f"unknown --recipe {value!r}: choose one of {', '.join(recipe_names())} ({CONFIGS})")
+            out += ["--config", str(CONFIGS / f"{value}.yaml")]
+        elif flag in ("--train-full", "--stage") and value is not None:
+            stage = {"0": "initial", "1": "full"}.get(value, value) if flag == "--train-full" else value
+            stages[flag] = (f"{flag} {value}", stage)
+            out += ["--stage", stage]
+        elif flag in SHORT_FLAGS and value is not None:
+            out += [SHORT_FLAGS[flag], value]
+        else:
+            out.append(argv[i])
+            step = 1
+        i += step
+    if len(stages) == 2 and stages["--train-full"][1] != stages["--stage"][1]:
+        raise UserError(f"{stages['--train-full'][0]} contradicts {stages['--stage'][0]}")
+    return out
+
+
+class MNISTCLI(LightningCLI):
+    """LightningCLI with this project's run handling: stages, checkpoints found by name, one folder per run."""
+
+    def __init__(self, args: list[str]):
+        self.run_dir: Path | None = None
+        self.ckpt_path: Path | None = None
+        self.resume = False
+        super().__init__(
+            MNISTLitModule,
+            MNISTDataModule,
+            save_config_callback=callbacks.RunConfig,
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"default_config_files": [str(CONFIGS / "seed.yaml")], "exit_on_error": False},
+            args=args,
+            run=False,
+            auto_configure_optimizers=False,  # the module's configure_optimizers reads its own settings
+            load_from_checkpoint_support=False,  # hyperparameters stay plain keyword arguments
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--stage", type=Literal["initial", "full"], default="initial", help="initial: 90/10 "
+                            "split; full: all 60k, from an initial-stage checkpoint (--ckpt)")  # fmt: skip
+        parser.add_argument(
+            "--ckpt",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume (same stage) or to start the full stage from; a bare name such as last.ckpt "
+            "means that file of the newest initial-stage run under --save_dir",
+        )
+        parser.add_argument("--save_dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
+        parser.add_argument("--save_freq", type=int, default=5, help="keep a numbered checkpoint every N epochs")
+        parser.add_argument("--quiet", type=bool, default=False, help="no progress bar or Lightning banners")
+        parser.add_argument("--recipe", type=str | None, default=None, help="the recipe's name, for the records "
+                            "(set by its config file; --recipe NAME reads configs/NAME.yaml)")  # fmt: skip
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("seed_everything", "model.seed")
+        parser.link_arguments("stage", "data.stage")
+
+    def parse_arguments(self, parser, args: list[str]) -> None:
+        """Parse; with --ckpt, parse again on top of the checkpoint's own config (and configs/full.yaml for a new
+        full stage), so that the command line changes only what it names."""
+        printing = [a for a in args if a.startswith("--print_config")]
+        args = [a for a in args if a not in printing]
+        first = parser.parse_args(args)
+        if not first.ckpt:
+            if first.stage == "full":
+                raise UserError(
+                    "--stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)"
+                )
+            check_seed(first)
+            self.config = parser.parse_args([*args, *printing]) if printing else first
+            return
+        env_ckpt = None if launched_as_rank_zero() else os.environ.get(CKPT_ENV)
+        self.ckpt_path = Path(env_ckpt) if env_ckpt else resolve_ckpt(first.ckpt, first.save_dir, first.stage)
+        ckpt = load_checkpoint(self.ckpt_path)
+        module_from_checkpoint(ckpt, self.ckpt_path)  # its weights must fit its architecture before anything starts
+        if "config" not in ckpt:
+            raise UserError(
+                f"{self.ckpt_path} was written by mnist_lit 0.1, before configs: train.py cannot go on from it "
+                "(evaluate.py, predict.py and export.py still read it)"
+            )
+        saved = yaml.safe_load(ckpt["config"])
+        if saved["stage"] == "full" and first.stage == "initial":
+            raise UserError(f"{self.ckpt_path} is a full-stage checkpoint: resume it with --stage full")
+        self.resume = saved["stage"] == first.stage
+        layers = ["--config", ckpt["config"]] + ([] if self.resume else ["--config", str(CONFIGS / "full.yaml")])
+        ckpt_arg = ["--ckpt", str(self.ckpt_path.resolve())]
+        base = parser.parse_args([*layers, *ckpt_arg])
+        self.config = parser.parse_args([*layers, *args, *ckpt_arg])
+        check_seed(self.config)
+        done = ckpt["epoch"] + 1  # our checkpoints are written at the end of an epoch
+        changed = changed_settings(parser, base, self.config)
+        if self.resume:
+            refused = sorted(changed - MAY_CHANGE_ON_RESUME)
+            if refused:
+                key = refused[0]
+                raise UserError(
+                    f"resuming keeps the run's settings: {key} {self.config[key]} differs from the checkpoint's "
+                    f"{base[key]}"
+                )
+            if self.config.model.schedule == "onecycle" and self.config.trainer.max_epochs != base.trainer.max_epochs:
+                raise UserError(f"a onecycle run keeps its --epochs {base.trainer.max_epochs}: its schedule is fixed")
+        else:
+            for key in ("model.net", "data.dataset"):  # the full stage goes on from the checkpoint's weights
+                if key in changed:
+                    raise UserError(
+                        f"the full stage goes on from the checkpoint's weights: {key} {self.config[key]} differs "
+                        f"from its {base[key]}"
+                    )
+            if self.config.trainer.max_epochs is None:
+                self.config.trainer.max_epochs = done + FULL_STAGE_EPOCHS
+        if self.config.trainer.max_epochs <= done:
+            raise UserError(
+                f"--epochs {self.config.trainer.max_epochs} is not beyond the checkpoint's epoch {done}: nothing to "
+                "train"
+            )
+        if printing:  # print the resolved settings and exit
+            parser.parse_args(
+                [*layers, *args, *ckpt_arg, f"--trainer.max_epochs={self.config.trainer.max_epochs}", *printing]
+            )
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer of a run, after rank 0 checked the data and made the run folder (other ranks have none)."""
+        config, given = self.config, self.config_init.trainer
+        if launched_as_rank_zero():
+            self.datamodule.prepare_data()  # missing or corrupt data fails here, before a run folder is made;
+            self.datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
+            self.run_dir = new_run_dir(config.save_dir, config.stage)
+        checkpoints = self.run_dir / "checkpoints" if self.run_dir else None  # Lightning broadcasts rank 0's
+        run_callbacks = [
+            callbacks.EpochLog(),
+            callbacks.DivergenceStop(),
+            LearningRateMonitor(logging_interval="epoch"),
+            callbacks.NumberedCheckpoint(checkpoints, every_n_epochs=config.save_freq),
+            callbacks.last_checkpoint(checkpoints),
+        ]
+        if self.ckpt_path and not self.resume:
+            run_callbacks.insert(0, callbacks.FreshOptimizer())
+        show = not config.quiet
+        if config.quiet:  # Lightning's banners (GPU available, ...); console() restores the level afterwards
+            logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        if show and given.enable_progress_bar is not False:
+            run_callbacks.append(callbacks.EpochProgressBar(refresh_rate=20))
+        version = int(self.run_dir.name[8:]) if self.run_dir else None
+        tensorboard = TensorBoardLogger(config.save_dir, name=config.stage, version=version, default_hp_metric=False)
+        extra_loggers = [] if given.logger in (None, True) else given.logger
+        loggers = False if given.logger is False else [tensorboard, *listed(extra_loggers)]
+        self.save_config_kwargs = {"run_dir": self.run_dir}
+        try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
+            return super().instantiate_trainer(
+                callbacks=[*listed(given.callbacks), *run_callbacks],
+                logger=loggers,
+                plugins=[callbacks.AtomicCheckpointIO(), *listed(given.plugins)],
+                enable_progress_bar=show and given.enable_progress_bar is not False,
+                enable_model_summary=show and given.enable_model_summary is not False,
+            )
+        except (MisconfigurationException, ValueError) as err:
+            if self.run_dir is not None:
+                self.run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
+            raise UserError(f"the Trainer refused the options: {err}") from None
+
+
+def listed(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def check_seed(config) -> None:
+    seed = config.seed_everything
+    if type(seed) is not int or seed < 0:
+        raise UserError(f"--seed must be an integer >= 0 (got {seed}): runs are reproducible by their seed")
+
+
+def changed_settings(parser, base, config) -> set[str]:
+    """The dotted keys whose values differ between two parsed configs."""
+    a, b = (yaml.safe_load(parser.dump(c, skip_none=False)) for c in (base, config))
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in d.items():
+            if isinstance(value, dict) and key in ("model", "data", "trainer"):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    fa, fb = flat(a), flat(b)
+    return {key for key in fa.keys() | fb.keys() if fa.get(key) != fb.get(key)}
+
+
+def train(argv: list[str]) -> dict:
+    """Run one stage as the command line says; returns the results (rank 0 also writes them to results.json)."""
+    args = expand_short_flags(argv)
+    with console():
+        try:
+            cli = MNISTCLI(args)
+        except argparse.ArgumentError as err:  # jsonargparse's messages span lines: one line for our users
+            raise UserError(" ".join(str(err).split())) from None
+        run_dir, trainer, model = cli.run_dir, cli.trainer, cli.model
+        with log_file(run_dir):
+            if run_dir is not None:
+                (run_dir / "command.txt").write_text(shlex.join(["python", "scripts/train.py", *argv]) + "\n")
+                snapshot_code(run_dir)
+            how = "resuming" if cli.resume else "from" if cli.ckpt_path else "new run"
+            log.info("%s stage, run dir %s, %s %s", cli.config.stage, run_dir, how, cli.ckpt_path or "")
+            start = time.perf_counter()
+            if run_dir is not None and cli.ckpt_path:  # the processes Lightning launches (DDP) inherit it
+                os.environ[CKPT_ENV] = str(cli.ckpt_path.resolve())
+            try:
+                trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+            except BaseException:
+                if run_dir is not None and not any(run_dir.glob("checkpoints/*.ckpt")):
+                    shutil.rmtree(run_dir)  # nothing to resume or use: a failed launch leaves no run folder
+                raise
+            finally:
+                if run_dir is not None:
+                    os.environ.pop(CKPT_ENV, None)
+            wall = time.perf_counter() - start
+            summary, correct, count = callbacks.eval_summary(trainer, model.eval_split)
+            log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
+    metrics = trainer.callback_metrics
+    results = {
+        "stage": cli.config.stage,
+        "recipe": cli.config.recipe,
+        "run_dir": str(run_dir.resolve()) if run_dir else None,
+        "ckpt_from": str(cli.ckpt_path.resolve()) if cli.ckpt_path else None,  # absolute: evaluate.py follows it
+        "epoch": trainer.current_epoch,
+        "split": model.eval_split,
+        "correct": correct,
+        "count": count,
+        "acc": float(metrics[f"{model.eval_split}/acc"]) if count else None,
+        "loss": float(metrics[f"{model.eval_split}/loss"]) if count else None,
+        "processes": trainer.world_size,
+        "wall_s": round(wall, 1),
+    }
+    if run_dir is not None:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    By default glibc returns large freed blocks (a step's activations) to the OS and page-faults fresh zeroed
+    pages back in on the next step. How often depends on its adaptive thresholds: measured on the 2-core CPU,
+    the plain loop's LeNet epoch took 0.75-2.1 million page faults and 10.1-11.5 s from run to run; with these
+    two settings 0.36 million and 9.0-9.5 s (4 runs each; docs/benchmark.md). Process-wide, so it is called by
+    the entry points only (train.py's main, the benchmark), never on import.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # blocks below 32 MiB (glibc's maximum) come from the heap
+    libc.mallopt(m_trim_threshold, 1 << 30)  # and freed heap memory is not given back below 1 GiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/train.py: errors meant for the user become one line and exit code 2; --print_config exits 0."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    keep_freed_memory()
+    try:
+        return exit_code(lambda: train(argv))
+    except SystemExit as done:  # --help, --print_config
+        return done.code if isinstance(done.code, int) else 0
