@@ -264,7 +264,7 @@ class MNISTCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as err:
             if self.run_dir is not None:
                 self.run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
-            raise UserError(f"the Trainer refused the options: {err}") from None
+            raise UserError(f"the Trainer refused the options: {' '.join(str(err).split())}") from None
 
 
 def listed(value) -> list:

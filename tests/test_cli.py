@@ -396,3 +396,102 @@ def test_speed_options_are_recorded_kept_on_resume_and_given_to_the_trainer(shar
     full = yaml.safe_load((tmp_path / "full" / "version_0" / "config.yaml").read_text())
     assert (full["trainer"]["precision"], full["model"]["channels_last"]) == ("bf16-mixed", True)
     assert precisions == ["bf16-mixed", "bf16-mixed"]  # the initial and the full stage's Trainers
+
+
+def test_a_runs_config_yaml_trains_it_again_to_identical_weights(shared_data_dir, tmp_path):
+    """config.yaml holds every setting: run from it alone, into a new folder, the weights are bit-identical."""
+    assert (
+        run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--recipe", "fast", "--lr", "0.02", "--quiet") == 0
+    )
+    first = tmp_path / "initial" / "version_0"
+    assert run("--config", first / "config.yaml") == 0
+    again = tmp_path / "initial" / "version_1"
+    assert (again / "config.yaml").read_text() == (first / "config.yaml").read_text()
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (first, again))
+    assert same_tensors(a["state_dict"], b["state_dict"]) and a["global_step"] == b["global_step"] > 0
+    assert a["config"] == (first / "config.yaml").read_text()  # the checkpoint carries it too
+
+
+def hparams_in_events(run_dir: Path) -> tuple[dict, set[str]]:
+    """The settings and metric names of TensorBoard's HPARAMS tab, as its plugin reads them from the events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    settings = {}
+    for name, value in session.session_start_info.hparams.items():
+        settings[name] = value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+    return settings, {m.name.tag for m in experiment.experiment.metric_infos}
+
+
+def test_runs_compare_by_their_settings_in_tensorboards_hparams_tab(initial_run):
+    data_dir, save_dir, initial_dir = initial_run
+    settings, metrics = hparams_in_events(initial_dir)
+    assert metrics == {"hp/val_acc"}
+    assert settings["model/lr"] == 0.05 and settings["data/batch_size"] == 64 and settings["recipe"] == "seed"
+    assert settings["trainer/max_epochs"] == 4 and settings["stage"] == "initial"
+    final = json.loads((initial_dir / "results.json").read_text())["acc"]
+    assert read_scalars([initial_dir])["hp/val_acc"] == {0: pytest.approx(final)}
+    full_dir = save_dir / "full" / "version_0"  # made by test_full_stage_continues_from_the_initial_checkpoint
+    settings, metrics = hparams_in_events(full_dir)
+    assert metrics == {"hp/test_acc"} and settings["model/lr"] == 0.0001 and settings["stage"] == "full"
+    assert read_scalars([full_dir])["hp/test_acc"] == {
+        0: pytest.approx(json.loads((full_dir / "results.json").read_text())["acc"])
+    }
+
+
+def test_gradient_clipping_and_accumulation_from_the_command_line(shared_data_dir, tmp_path):
+    """Lightning's own options: 5 batches an epoch, accumulated by 2, are 3 optimizer steps; a tiny clipping
+    norm keeps the weights where they started."""
+    common = ["--data-dir", shared_data_dir, "--epochs", "1", "--lr", "0.05", "--quiet"]
+    moved = {}
+    for name, extra in (
+        ("plain", []),
+        ("accumulated", ["--trainer.accumulate_grad_batches", "2"]),
+        ("clipped", ["--trainer.gradient_clip_val", "1e-6"]),
+    ):
+        assert run(*common, "--save-dir", tmp_path / name, *extra) == 0
+        ckpt = torch.load(tmp_path / name / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+        torch.manual_seed(0)
+        start = {f"net.{k}": v for k, v in MNISTLitModule().net.state_dict().items()}
+        moved[name] = max((ckpt["state_dict"][k] - v).abs().max().item() for k, v in start.items())
+        moved[name + "_steps"] = ckpt["global_step"]
+    assert (moved["plain_steps"], moved["accumulated_steps"], moved["clipped_steps"]) == (5, 3, 5)
+    assert moved["plain"] > 1e-3 and moved["clipped"] < 1e-6
+
+
+def test_trainer_options_callbacks_and_loggers_from_the_command_line(shared_data_dir, tmp_path):
+    common = ["--data-dir", shared_data_dir, "--quiet", "--epochs", "2"]
+    assert run(*common, "--save-dir", tmp_path / "limited", "--trainer.limit_train_batches", "2") == 0
+    ckpt = tmp_path / "limited" / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    assert run(*common, "--save-dir", tmp_path / "dev", "--trainer.fast_dev_run", "true") == 0
+    assert json.loads((tmp_path / "dev" / "initial" / "version_0" / "results.json").read_text())["epoch"] == 1
+    extra = [  # stop as soon as val/acc reaches 0.01, i.e. after the first epoch; log to CSV too
+        "--trainer.callbacks+=pytorch_lightning.callbacks.EarlyStopping",
+        "--trainer.callbacks.monitor=val/acc",
+        "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.stopping_threshold=0.01",
+        "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path / 'csv'}",
+    ]
+    assert run(*common, "--save-dir", tmp_path / "extra", *extra) == 0
+    run_dir = tmp_path / "extra" / "initial" / "version_0"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["trainer"]["callbacks"][0]["class_path"] == "pytorch_lightning.callbacks.EarlyStopping"
+    assert json.loads((run_dir / "results.json").read_text())["epoch"] == 1  # stopped by the extra callback
+    assert "val/acc" in (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()  # the second logger wrote
+    assert len(read_scalars([run_dir])["val/acc"]) == 1  # and TensorBoard still has the run's curves
+
+
+def test_a_run_leaves_the_loggers_as_it_found_them(shared_data_dir, tmp_path):
+    import logging
+
+    ours, lightning = logging.getLogger("mnist_lit"), logging.getLogger("pytorch_lightning")
+    before = (ours.level, ours.propagate, lightning.level, list(ours.handlers))
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--quiet") == 0
+    assert (ours.level, ours.propagate, lightning.level, list(ours.handlers)) == before

@@ -54,7 +54,7 @@ def test_the_seed_recipe_is_the_original_protocol(capsys):
     model, data = config["model"], config["data"]
     assert (model["net"], model["optimizer"], model["lr"], model["momentum"]) == ("lenet", "sgd", 0.01, 0.5)
     assert (model["schedule"], model["milestones"], model["gamma"]) == ("multistep", [2, 10], 0.1)
-    assert (data["batch_size"], data["eval_batch_size"], data["val_fraction"]) == (64, 1000, 0.1)
+    assert (data["batch_size"], data["eval_batch_size"], data["val_fraction"]) == (64, 250, 0.1)
     assert (config["trainer"]["max_epochs"], config["recipe"], config["stage"]) == (20, "seed", "initial")
 
 
