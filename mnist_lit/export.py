@@ -67,10 +67,10 @@ def build_contract(trained: Trained, export_format: str) -> dict:
 
 @contextlib.contextmanager
 def _quiet_torchscript():
-    # torch 2.14 warns that torch.jit is deprecated (FutureWarning) on every trace/save/load; the format is
-    # still what was asked for, and the help of --format says it is deprecated.
+    # torch 2.13/2.14 warn that torch.jit is deprecated (DeprecationWarning/FutureWarning) on every trace/save/load;
+    # the format is still what was asked for, and the help of --format says it is deprecated.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
         yield
 
 

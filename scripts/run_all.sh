@@ -13,13 +13,13 @@ start=$SECONDS
 python "$scripts/prepare_data.py" --data-dir "$DATA_DIR"
 python "$scripts/train.py" --stage initial --data-dir "$DATA_DIR" --save-dir "$SAVE_DIR" --quiet "$@"
 # the run just made, named by its path: also after a recipe or --epochs other than 20, and never an older run
-initial_run=$(python -c 'import sys; from mnist_lit.training import run_dirs; print(run_dirs(sys.argv[1], "initial")[0])' "$SAVE_DIR")
+initial_run=$(python -c 'import sys; from mnist_lit.runs import run_dirs; print(run_dirs(sys.argv[1], "initial")[0])' "$SAVE_DIR")
 python "$scripts/train.py" --stage full --ckpt "$initial_run/checkpoints/last.ckpt" --data-dir "$DATA_DIR" \
   --save-dir "$SAVE_DIR" --quiet
 
 python - "$SAVE_DIR" "$(( SECONDS - start ))" <<'PY'
 import json, sys
-from mnist_lit.training import run_dirs
+from mnist_lit.runs import run_dirs
 save_dir, wall = sys.argv[1], int(sys.argv[2])
 for stage in ("initial", "full"):
     r = json.loads((run_dirs(save_dir, stage)[0] / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""mnist_lit.training and scripts/train.py: both stages end to end on small IDX files, resume, CLI, errors."""
+"""mnist_lit.cli and scripts/train.py: both stages end to end on small IDX files, configs, resume, errors."""
 
 import json
 import os
