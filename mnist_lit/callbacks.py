@@ -1,6 +1,6 @@
 """The project's additions to Lightning, each through Lightning's own extension points (callbacks, a CheckpointIO
-plugin, a ModelCheckpoint subclass): numbered and last checkpoints, atomic writes, a log line per epoch, the
-divergence stop, the full stage's fresh optimizer, EMA with recomputed BatchNorm statistics, the run's config."""
+plugin, a ModelCheckpoint subclass, a logger): numbered and last checkpoints, atomic writes, a line per epoch,
+the divergence stop, the full stage's fresh optimizer, EMA with recomputed BatchNorm statistics, the run's config."""
 
 import inspect
 import logging
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.core.saving import save_hparams_to_yaml
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_lit.errors import UserError
 from mnist_lit.module import format_eval
@@ -74,9 +75,8 @@ class EpochProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
 
-def eval_summary(trainer: pl.Trainer, split: str) -> tuple[str, int | None, int | None]:
-    """The last evaluation as 'val 5910/6000 (98.50%)', with its correct and total counts (None: none ran)."""
-    metrics = trainer.callback_metrics
+def eval_summary(metrics: dict, split: str) -> tuple[str, int | None, int | None]:
+    """An evaluation's metrics as 'val 5910/6000 (98.50%)', with its correct and total counts (None: none ran)."""
     if f"{split}/acc" not in metrics:
         return f"{split} -", None, None
     count = int(metrics[f"{split}/count"])
@@ -84,32 +84,49 @@ def eval_summary(trainer: pl.Trainer, split: str) -> tuple[str, int | None, int 
     return format_eval(split, correct, count), correct, count
 
 
-class EpochLog(Callback):
-    """One line per epoch, as the original printed it: ``epoch 20 lr 0.0001 train loss 0.0424 val 5884/6000 (98.07%)``.
-
-    Runs at the end of each training epoch, after that epoch's validation and before its checkpoints; reading
-    ``trainer.callback_metrics`` there computes the epoch's values (on every process: they sync)."""
+class EpochLines(Logger):
+    """A logger that prints one line per epoch, as the original did: ``epoch 20 lr 0.0001 train loss 0.0424 val
+    5884/6000 (98.07%)``. Lightning hands every logger the epoch's values once they are computed (rank 0 only):
+    the evaluation's and the lr first, then the training epoch's, which complete the line."""
 
     def __init__(self):
-        self.lr = math.nan
+        super().__init__()
+        self.latest: dict[str, float] = {}
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+    @property
+    def name(self) -> str:
+        return "epoch_lines"
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = float(trainer.callback_metrics.get("train/loss", math.nan))
-        summary = eval_summary(trainer, pl_module.eval_split)[0]
-        if trainer.is_global_zero:
-            log.info("epoch %d lr %g train loss %.4f %s", trainer.current_epoch + 1, self.lr, loss, summary)
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.latest.update(metrics)
+        if "train/loss" not in metrics:
+            return
+        split = "test" if "test/acc" in self.latest else "val"
+        line = f"epoch {int(metrics['epoch']) + 1} lr {self.latest.get('lr', math.nan):g} train loss "
+        log.info("%s%.4f %s", line, metrics["train/loss"], eval_summary(self.latest, split)[0])
 
 
-class DivergenceStop(Callback):
+class DivergenceStop(EarlyStopping):
     """Stop with one clear error when an epoch's mean training loss is not finite, before that epoch's checkpoints
-    are written (Lightning calls checkpoint callbacks last), so last.ckpt stays the last good epoch's. One host
-    sync per epoch, none per step."""
+    are written, so last.ckpt stays the last good epoch's. It is Lightning's EarlyStopping with check_finite on
+    ``train/loss``: Lightning runs it after the module has logged the epoch and before the checkpoint callbacks.
+    One host sync per epoch, none per step."""
+
+    def __init__(self):
+        super().__init__(monitor="train/loss", patience=2**31, check_finite=True, check_on_train_epoch_end=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
+        super().on_train_epoch_end(trainer, pl_module)
+        loss = trainer.callback_metrics.get(self.monitor)
         if loss is not None and not math.isfinite(float(loss)):
             raise UserError(
                 f"training diverged: the loss is not finite in epoch {trainer.current_epoch + 1}; stopped before "

@@ -235,7 +235,6 @@ class MNISTCLI(LightningCLI):
             self.run_dir = new_run_dir(config.save_dir, config.stage)
         checkpoints = self.run_dir / "checkpoints" if self.run_dir else None  # Lightning broadcasts rank 0's
         run_callbacks = [
-            callbacks.EpochLog(),
             callbacks.DivergenceStop(),
             LearningRateMonitor(logging_interval="epoch"),
             callbacks.NumberedCheckpoint(checkpoints, every_n_epochs=config.save_freq),
@@ -251,7 +250,7 @@ class MNISTCLI(LightningCLI):
         version = int(self.run_dir.name[8:]) if self.run_dir else None
         tensorboard = TensorBoardLogger(config.save_dir, name=config.stage, version=version, default_hp_metric=False)
         extra_loggers = [] if given.logger in (None, True) else given.logger
-        loggers = False if given.logger is False else [tensorboard, *listed(extra_loggers)]
+        loggers = False if given.logger is False else [tensorboard, callbacks.EpochLines(), *listed(extra_loggers)]
         self.save_config_kwargs = {"run_dir": self.run_dir}
         try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
             return super().instantiate_trainer(
@@ -322,7 +321,7 @@ def train(argv: list[str]) -> dict:
                 if run_dir is not None:
                     os.environ.pop(CKPT_ENV, None)
             wall = time.perf_counter() - start
-            summary, correct, count = callbacks.eval_summary(trainer, model.eval_split)
+            summary, correct, count = callbacks.eval_summary(trainer.callback_metrics, model.eval_split)
             log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
     metrics = trainer.callback_metrics
     results = {

@@ -119,12 +119,24 @@ class MNISTLitModule(pl.LightningModule):
         acc, mean_loss = getattr(self, f"{split}_acc"), getattr(self, f"{split}_loss")
         acc.update(log_probs, targets)
         mean_loss.update(loss.detach().expand(len(targets)))  # one value per sample: a mean over samples
-        self.log(f"{split}/loss", mean_loss, on_step=False, on_epoch=True)
-        self.log(f"{split}/acc", acc, on_step=False, on_epoch=True)
-        if split != "train":  # how many images the evaluation saw (over all processes): for results.json only
+        if split != "train":  # how many images the evaluation saw (over all processes)
             getattr(self, f"{split}_count").update(len(targets))
-            self.log(f"{split}/count", getattr(self, f"{split}_count"), on_step=False, on_epoch=True, logger=False)
         return loss
+
+    def log_epoch(self, split: str) -> None:
+        # Logged once per epoch from the epoch-end hooks: Lightning computes (syncs across processes) and resets
+        # the metric objects. Logging them from every step instead costs ~0.5 ms a call here (Lightning moves the
+        # metric object to the device on each call): 6 % of a LeNet epoch on the 2-core CPU (docs/benchmark.md).
+        self.log(f"{split}/loss", getattr(self, f"{split}_loss"), on_step=False, on_epoch=True)
+        self.log(f"{split}/acc", getattr(self, f"{split}_acc"), on_step=False, on_epoch=True)
+        if split != "train":
+            self.log(f"{split}/count", getattr(self, f"{split}_count"), on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch("train")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch("test")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.augment:
@@ -138,6 +150,7 @@ class MNISTLitModule(pl.LightningModule):
         self.model_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
+        self.log_epoch(self.eval_split)
         if self.eval_split == "val" and not self.trainer.sanity_checking:
             self.val_acc_best(self.val_acc.compute())
             self.log("val/acc_best", self.val_acc_best.compute())
