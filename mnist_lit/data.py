@@ -13,6 +13,8 @@ import torch
 from mnist_lit.errors import UserError
 from mnist_lit.idx import MEAN, STD, dataset_spec, ensure_raw_files, load_split, raw_dir
 
+DATA_DIR = "data"  # where the dataset's folder is (or is downloaded to) unless --data-dir says otherwise
+
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random split of range(n) into (train, val) index tensors, each in ascending order."""
@@ -112,7 +114,7 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
+        data_dir: str = DATA_DIR,
         dataset: str = "mnist",
         stage: Literal["initial", "full"] = "initial",
         val_fraction: float = 0.1,

@@ -14,7 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, nothing global to close
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import DATA_DIR, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, NUM_CLASSES, ensure_raw_files
 from mnist_lit.inference import Trained, classify, load_trained, run_settings
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
-    parser.add_argument("--data-dir", default="data", help="folder that holds the dataset's raw/ files")
+    parser.add_argument("--data-dir", default=DATA_DIR, help="folder that holds the dataset's raw/ files")
     parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoint's (default: its own)")
     parser.add_argument(
         "--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>, or beside a checkpoint kept elsewhere)"

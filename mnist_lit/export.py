@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
 from mnist_lit.inference import Classifier, Trained, classify, load_trained
@@ -176,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="the checkpoint to export")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")
-    p.add_argument("--data-dir", default="data", help="holds <dataset>/raw/ with the test files (default: data)")
+    p.add_argument(
+        "--data-dir", default=DATA_DIR, help="holds <dataset>/raw/ with the test files (default: %(default)s)"
+    )
     p.add_argument("--dataset", choices=list(DATASETS), help="fail unless the checkpoint was trained on this")
     p.add_argument("--force", action="store_true", help="replace FILE and FILE.json if they exist")
     return p

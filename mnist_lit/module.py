@@ -47,7 +47,7 @@ class MNISTLitModule(pl.LightningModule):
     ):
         """
         Args:
-            net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, bnnet, wide, linear.
+            net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, wide, linear.
             optimizer: sgd (with ``momentum``, ``nesterov``) or adam.
             lr: learning rate; OneCycle's peak with ``schedule: onecycle``.
             momentum: SGD momentum, in [0, 1).

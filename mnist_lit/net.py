@@ -76,24 +76,6 @@ def bn_classifier(features: int, hidden: int, num_classes: int) -> nn.Sequential
     )
 
 
-class BNNet(nn.Module):
-    """A BatchNorm CNN, the ``strong`` recipe's first net before WideNet (~4.8M multiply-adds per image, about
-    twice LeNet's):
-    Conv5(32) -> MaxPool2 -> Conv3(64) -> Conv3(64) -> MaxPool2 -> Linear(1024,128)-BN-ReLU -> Linear(128,10)."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            *conv_bn(1, 32, 5, pool=True),  # 28 -> 24, pooled to 12
-            *conv_bn(32, 64, 3),  # -> 10
-            *conv_bn(64, 64, 3, pool=True),  # -> 8, pooled to 4
-        )
-        self.classifier = bn_classifier(64 * 4 * 4, 128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.classifier(self.features(x)), dim=1)
-
-
 class WideNet(nn.Module):
     """A wider, deeper BatchNorm CNN for the ``strong`` recipe (898k parameters, ~36M multiply-adds per image;
     affordable on a CPU with bfloat16 units under bf16 autocast and channels_last):
@@ -118,7 +100,6 @@ class WideNet(nn.Module):
 NETS = {
     "lenet": LeNet,
     "slim": SlimNet,
-    "bnnet": BNNet,
     "wide": WideNet,
     "linear": LinearNet,
 }

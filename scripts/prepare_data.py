@@ -2,13 +2,14 @@
 
 import sys
 
+from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, exit_code
 from mnist_lit.idx import DATASETS, FILES, ensure_raw_files, load_split
 
 
 def main() -> int:
     parser = ArgumentParser(prog="prepare_data.py", description=__doc__)
-    parser.add_argument("--data-dir", default="data", help="folder that holds (or will hold) MNIST/raw/")
+    parser.add_argument("--data-dir", default=DATA_DIR, help="folder that holds (or will hold) MNIST/raw/")
     parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
 
     def body():

@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from mnist_lit.cli import expand_short_flags, main
+from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.evaluate import read_scalars
+from mnist_lit.flags import expand_short_flags
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.runs import resolve_ckpt, run_dirs

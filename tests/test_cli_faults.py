@@ -109,3 +109,11 @@ def test_killed_full_stage_is_resumed_not_restarted(shared_data_dir, tmp_path, c
     assert "resuming" in lines and "epoch 4 " in lines and "epoch 3 " not in lines
     a, b = last_weights(tmp_path / "full" / "version_0"), last_weights(tmp_path / "full" / "version_2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(shared_data_dir, tmp_path, monkeypatch):
+    """Nothing in it to resume or use, and an empty newest run would break `--ckpt last.ckpt`."""
+    real_loss = module.nll_loss
+    monkeypatch.setattr(module, "nll_loss", lambda *args: real_loss(*args) * float("nan"))
+    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]) == 2
+    assert not list((tmp_path / "initial").iterdir())

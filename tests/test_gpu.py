@@ -7,8 +7,9 @@ import pytorch_lightning as pl
 import torch
 
 from mnist_lit import evaluate
-from mnist_lit.cli import main, recipe_names
+from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.flags import recipe_names
 from mnist_lit.module import MNISTLitModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -78,8 +78,8 @@ def test_hparams_are_plain_data():
 
 def test_channels_last_changes_the_layout_not_the_result():
     torch.manual_seed(0)
-    plain = MNISTLitModule(net="bnnet").eval()
-    nhwc = MNISTLitModule(net="bnnet", channels_last=True).eval()
+    plain = MNISTLitModule(net="slim").eval()
+    nhwc = MNISTLitModule(net="slim", channels_last=True).eval()
     nhwc.load_state_dict(plain.state_dict())
     assert nhwc.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     x, _ = batch(8)

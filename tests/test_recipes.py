@@ -11,8 +11,9 @@ import torch
 import yaml
 from conftest import digits, loss_before_and_after_one_step
 
-from mnist_lit.cli import CONFIGS, main, recipe_names
+from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule, normalize
+from mnist_lit.flags import CONFIGS, recipe_names
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
