@@ -1,0 +1,258 @@
+"""``scripts/runs.py``: what has been run under a save dir, one row per run folder, read only from what the runs
+left (config.yaml, results.json, checkpoints/last.ckpt): the settings that differ between the listed runs as
+columns, the final accuracy, the status; or, with --group-by, mean ± sd of the final accuracy per group.
+
+Status: ``finished`` (results.json), ``unfinished`` (checkpoints/last.ckpt but no results.json: resumable with
+``--ckpt``), ``failed`` (neither), ``broken: <why>`` (config.yaml or results.json unreadable or cut short). A run
+still going shows as failed until its first epoch ends, then as unfinished."""
+
+import csv
+import difflib
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.runs import run_dirs
+
+STAGES = ("initial", "full")
+FIXED = ("stage", "version", "recipe", "status")  # keys of every row, beside config.yaml's dotted settings
+RESULT_COLUMNS = ("epoch", "split", "correct/count", "acc %", "wall s")
+# Where a run went and what it printed: never columns (--filter and --group-by still take them).
+LOCATION_KEYS = {"save_dir", "ckpt", "save_freq", "quiet", "data.data_dir", "data.download",
+                 "trainer.enable_progress_bar", "trainer.enable_model_summary"}  # fmt: skip
+SECTIONS = ("seed_everything", "model", "data", "trainer")  # the order of the settings' columns
+# What a readable file holds; config.yaml's recipe is its last key, so a file cut short at a line lacks it.
+CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "stage", "recipe")
+RESULT_KEYS = ("epoch", "split", "correct", "count", "acc", "wall_s")  # all numbers but split (null: no evaluation)
+FORMATS = ("table", "csv", "markdown")
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it: ~10x faster
+
+
+@dataclass
+class Run:
+    """One run folder: its status, its settings as dotted keys with text values, its results.json (or None)."""
+
+    path: Path
+    stage: str
+    version: int
+    status: str = "failed"
+    settings: dict[str, str] = field(default_factory=dict)
+    results: dict | None = None
+
+    def value(self, key: str) -> str | None:
+        """A row's value of a fixed key or a setting, as text (None: this run has no such setting)."""
+        if key in ("stage", "version", "status"):
+            return str(getattr(self, key))
+        if key == "recipe" and key not in self.settings and self.results:
+            return text(self.results.get("recipe"))
+        return self.settings.get(key)
+
+    def accuracy(self) -> float | None:
+        """The final accuracy in percent; None unless the run finished with an evaluation."""
+        acc = self.results.get("acc") if self.status == "finished" else None
+        return None if acc is None else 100 * acc
+
+
+def text(value) -> str:
+    """A setting's value as text, in YAML's spelling; a class (callbacks, loggers) by its name only."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, dict) and "class_path" in value:
+        return str(value["class_path"]).rsplit(".", 1)[-1]
+    if isinstance(value, list):
+        inner = ", ".join(text(v) for v in value)
+        return inner if value and all(isinstance(v, dict) and "class_path" in v for v in value) else f"[{inner}]"
+    return str(value)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    """A config as dotted keys (``model.lr``) with text values."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and "class_path" not in value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = text(value)
+    return flat
+
+
+def load(path: Path, parse, required: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """A run file's mapping, or None and why it cannot be used (None, None: there is no such file)."""
+    kind = "YAML" if path.suffix == ".yaml" else "JSON"
+    try:
+        data = parse(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return None, f"{path.name} is not valid {kind}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a {kind} mapping"
+    missing = [key for key in required if key not in data]
+    if missing:
+        return None, f"{path.name} lacks {missing[0]} (cut short?)"
+    return data, None
+
+
+def read_run(path: Path) -> Run:
+    """One run folder as a Run; a folder whose files cannot be read is a run with status ``broken: ...``."""
+    run = Run(path, path.parent.name, int(path.name[8:]))
+    config, config_problem = load(path / "config.yaml", lambda s: yaml.load(s, YAML_LOADER), CONFIG_KEYS)
+    results, results_problem = load(path / "results.json", json.loads, RESULT_KEYS)
+    bad = [k for k in RESULT_KEYS if k != "split" and results and type(results[k]) not in (int, float, type(None))]
+    if bad:
+        results, results_problem = None, f"results.json has a bad {bad[0]}"
+    run.settings, run.results = flatten(config) if config else {}, results
+    if config_problem or results_problem:
+        run.status = f"broken: {config_problem or results_problem}"
+    elif results or (path / "checkpoints" / "last.ckpt").is_file():
+        run.status = "finished" if results else "unfinished"
+        if config is None:
+            run.status = "broken: no config.yaml"
+    return run
+
+
+def read_runs(save_dir) -> list[Run]:
+    """Every run folder under SAVE_DIR/initial and SAVE_DIR/full, initial first, oldest first."""
+    if not Path(save_dir).is_dir():
+        raise UserError(f"{save_dir}: no such folder (the runs' --save-dir; they are in its initial/ and full/)")
+    return [read_run(p) for stage in STAGES for p in reversed(run_dirs(save_dir, stage)) if p.is_dir()]
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """The settings whose values are not the same in every listed run with a readable config.yaml."""
+    configured = [run for run in runs if run.settings]
+    keys = dict.fromkeys(key for run in configured for key in run.settings)
+    keep = [key for key in keys if key not in LOCATION_KEYS and key not in FIXED]
+    keep = [key for key in keep if len({run.settings.get(key) for run in configured}) > 1]
+    section = {name: i for i, name in enumerate(SECTIONS)}
+    return sorted(keep, key=lambda key: section.get(key.split(".")[0], len(SECTIONS)))
+
+
+def result_cells(results: dict | None) -> list[str]:
+    """epoch, split, correct/count, acc %, wall s of a results.json ("-" where there is none)."""
+    if not results:
+        return ["-"] * len(RESULT_COLUMNS)
+    evaluated = None not in (results["correct"], results["count"], results["acc"])
+    score = [f"{results['correct']}/{results['count']}", f"{100 * results['acc']:.2f}"] if evaluated else ["-", "-"]
+    wall = "-" if results["wall_s"] is None else f"{results['wall_s']:.1f}"
+    return [str(results["epoch"]), str(results["split"]), *score, wall]
+
+
+def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """One row per run: stage, version, recipe, the differing settings, the results, the status."""
+    keys = differing_keys(runs)
+    header = ["stage", "version", "recipe", *keys, *RESULT_COLUMNS, "status"]
+    rows = [
+        [run.stage, str(run.version), *(run.value(key) or "-" for key in ["recipe", *keys])]
+        + [*result_cells(run.results), run.status]
+        for run in runs
+    ]
+    return header, rows
+
+
+def groups_table(runs: list[Run], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    """One row per group of runs sharing the keys' values (always the stage: val and test accuracies are not
+    mixed): n finished runs, mean and sample sd of their final accuracy in percent, how many other runs."""
+    keys = keys if "stage" in keys else ["stage", *keys]
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run.value(key) or "-" for key in keys), []).append(run)
+    rows = []
+    for values, members in groups.items():
+        accs = [acc for acc in (run.accuracy() for run in members) if acc is not None]
+        mean = f"{statistics.mean(accs):.2f}" if accs else "-"
+        sd = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+        rows.append([*values, str(len(accs)), mean, sd, str(len(members) - len(accs))])
+    return [*keys, "n", "acc % mean", "sd", "other runs"], rows
+
+
+def number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    """The rows as aligned plain text (numbers to the right), CSV or a Markdown table."""
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([header, *rows])
+        return out.getvalue().rstrip("\n")
+    numeric = [
+        bool(rows) and all(row[i] == "-" or number(row[i]) is not None for row in rows) for i in range(len(header))
+    ]
+    if fmt == "markdown":
+        rule = ["---:" if right else "---" for right in numeric]
+        lines = [[cell.replace("|", "\\|") for cell in row] for row in [header, *rows]]
+        return "\n".join(f"| {' | '.join(row)} |" for row in [lines[0], rule, *lines[1:]])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if right else cell.ljust(w) for cell, w, right in zip(row, widths, numeric)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+def check_key(key: str, known: set[str], option: str) -> None:
+    if key in known:
+        return
+    close = difflib.get_close_matches(key, sorted(known), n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else "keys are stage, version, recipe, status and " \
+        "config.yaml's dotted settings, such as model.lr or seed_everything"  # fmt: skip
+    raise UserError(f"unknown key for {option}: {key}; {hint}")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="runs.py", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("save_dir", nargs="?", default="lightning_logs", metavar="SAVE_DIR",
+                   help="the runs' --save-dir (default lightning_logs)")  # fmt: skip
+    p.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
+                   help="mean ± sd of the final accuracy over the finished runs sharing these keys' values, e.g. "
+                   "recipe model.lr (seed_everything is the seed)")  # fmt: skip
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="only the runs whose KEY reads VALUE (numbers compare as numbers); repeatable")  # fmt: skip
+    p.add_argument("--format", choices=FORMATS, default="table", help="aligned text (default), csv or markdown")
+    return p
+
+
+def report(argv: list[str] | None) -> str:
+    """What scripts/runs.py prints."""
+    args = build_parser().parse_args(argv)
+    filters = [item.partition("=")[::2] for item in args.filter]
+    for item, (key, _) in zip(args.filter, filters):
+        if "=" not in item or not key:
+            raise UserError(f"--filter takes KEY=VALUE, e.g. recipe=strong (got {item})")
+    for key in args.group_by:  # nargs: `--group-by recipe logs` takes logs for a key
+        if Path(key).is_dir():
+            raise UserError(f"--group-by {key}: a folder, not a key (SAVE_DIR goes before --group-by)")
+    runs = read_runs(args.save_dir)
+    if not runs:
+        print(f"no runs under {Path(args.save_dir) / 'initial'} or {Path(args.save_dir) / 'full'}", file=sys.stderr)
+    known = {*FIXED, *(key for run in runs for key in run.settings)}
+    for option, keys in (("--group-by", args.group_by), ("--filter", [key for key, _ in filters])):
+        for key in keys if runs else []:  # no runs: no settings to know the keys by
+            check_key(key, known, option)
+    runs = [run for run in runs if all(matches(run.value(key), value, key) for key, value in filters)]
+    if not runs and filters:
+        print("no run matches the filters", file=sys.stderr)
+    table = groups_table(runs, args.group_by) if args.group_by else runs_table(runs)
+    return render(*table, args.format)
+
+
+def matches(have: str | None, want: str, key: str) -> bool:
+    """--filter's test: the same text, the same number (1e-4 is 0.0001), or status=broken for any broken run."""
+    if have is None:
+        return False
+    status = key == "status" and have.split(":")[0] == want
+    return have == want or status or (number(have) is not None and number(have) == number(want))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/runs.py: a missing SAVE_DIR, an unknown key or a bad option is one line and exit code 2."""
+    return exit_code(lambda: print(report(argv)))
