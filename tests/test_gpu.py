@@ -50,3 +50,31 @@ def test_recipe_trains_both_stages_on_the_gpu_and_evaluates_on_the_cpu(recipe, s
     full_last = tmp_path / "full" / "version_0" / "checkpoints" / "last.ckpt"
     evaluation = ["--ckpt", str(full_last), "--data-dir", str(shared_data_dir), "--out", str(tmp_path / "ev")]
     assert evaluate.main(evaluation) == 0  # checkpoints load onto the CPU
+
+
+class SyncsAreErrors(pl.Callback):
+    """Inside every training step (batch start to batch end: forward, backward, optimizer and scheduler steps,
+    metric updates, the callbacks' per-step hooks), a host synchronisation raises instead of waiting."""
+
+    steps = 0  # over all instances: the CLI makes the one a run uses
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode("default")
+        SyncsAreErrors.steps += 1
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_no_host_sync_inside_a_training_step(recipe, shared_data_dir, tmp_path):
+    """Hundreds of steps of each recipe on the GPU, with the callback given on the command line as a user would;
+    a `.item()`, a `.tolist()` or a CPU tensor copied in per step would raise there."""
+    SyncsAreErrors.steps = 0
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet", "--accelerator", "gpu", "--devices", "1"]
+    argv += ["--recipe", recipe, "--epochs", "20", "--batch-size", "16", "--trainer.callbacks+=test_gpu.SyncsAreErrors"]
+    try:
+        assert main([str(a) for a in argv]) == 0
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert SyncsAreErrors.steps >= 20 * 288 // 16  # every step ran under the check (288 training images)
