@@ -1,0 +1,117 @@
+"""What sweep.py and tune.py share: their common options, the Optuna storage (with heartbeats and retries of the
+trials of dead workers), and running one train.py in a process of its own."""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from mnist_lit.errors import ArgumentParser, UserError
+from mnist_lit.flags import recipe_names
+
+TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+HEARTBEAT_S = 10  # a dead worker's trial is failed (and retried) 3 heartbeats after its last one
+
+
+class RunFailed(Exception):
+    """A train.py process that did not finish: its trial fails, the other grid points go on."""
+
+
+def add_run_options(parser: ArgumentParser) -> None:
+    """The options sweep.py and tune.py share: the base settings (in the order given), where runs go, the study."""
+
+    def recipe(name: str) -> list[str]:
+        if name not in recipe_names():
+            raise argparse.ArgumentTypeError(f"unknown recipe {name!r}: choose one of {', '.join(recipe_names())}")
+        return ["--recipe", name]
+
+    def config(path: str) -> list[str]:
+        if not Path(path).is_file():
+            raise argparse.ArgumentTypeError(f"{path}: no such file")
+        return ["--config", str(Path(path).resolve())]
+
+    parser.add_argument("--recipe", dest="base", action="append", type=recipe, default=[], metavar="NAME",
+                        help="the runs' recipe (configs/NAME.yaml)")  # fmt: skip
+    parser.add_argument("--config", dest="base", action="append", type=config, default=[], metavar="FILE",
+                        help="a config file for every run (repeatable, with --recipe in the order given)")  # fmt: skip
+    parser.add_argument("--save-dir", required=True, help="all runs go to SAVE_DIR/initial (and full)/version_N")
+    parser.add_argument("--data-dir", help="the runs' --data-dir")
+    parser.add_argument("--epochs", type=int, help="each run's --epochs")
+    parser.add_argument("--jobs", type=int, default=1, help="trials at a time in this process (default 1)")
+    parser.add_argument("--storage", help="Optuna database URL (default: sqlite SAVE_DIR/<script>.db)")
+    parser.add_argument("--study", help="the study's name (default: derived from the command)")
+    parser.add_argument("--quiet", action="store_true", help="the runs print no progress bars")
+
+
+def check_run_options(args, script: str) -> None:
+    """Check the shared options; make SAVE_DIR absolute (runs and resumes name their folders by it)."""
+    if args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
+        raise UserError("--jobs and --epochs must be >= 1")
+    args.base = [arg for pair in args.base for arg in pair]  # ["--recipe", NAME, "--config", FILE, ...]
+    args.settings = [*args.base, *(["--epochs", str(args.epochs)] if args.epochs else [])]  # every run's
+    args.save_dir = Path(args.save_dir).resolve()
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    args.storage = args.storage or f"sqlite:///{args.save_dir / script}.db"
+    args.where = ["--save-dir", str(args.save_dir)]  # where runs go and what they print: not a run's identity
+    args.where += ["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []
+    args.where += ["--quiet"] if args.quiet else []
+
+
+def study_name(prefix: str, *what) -> str:
+    """A study name derived from the command, so that the same command finds the same study."""
+    return f"{prefix}-{hashlib.sha1(json.dumps(what).encode()).hexdigest()[:12]}"
+
+
+def retry_callback(max_retry: int | None = 3):
+    """Optuna's callback that queues a failed trial again (same point, same user attrs) as a new WAITING trial."""
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9's name
+    return (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
+
+
+def no_traceback(record: logging.LogRecord) -> bool:
+    """Optuna's line for a failed trial without the traceback when a train.py failed: it printed its error itself."""
+    if record.exc_info and isinstance(record.exc_info[1], RunFailed):
+        record.exc_info = None
+    return True
+
+
+def open_storage(url: str, heartbeat: int | None = None):
+    """Optuna's RDBStorage; with heartbeat (seconds), the trials of dead workers are failed and retried."""
+    import optuna
+
+    for handler in logging.getLogger("optuna").handlers:  # optuna's own console handler
+        handler.addFilter(no_traceback)
+
+    kwargs: dict = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
+    if heartbeat:
+        renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # optuna >= 4.9
+        name = "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback"
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{name: retry_callback()})
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def run_train(argv: list[str], jobs: int) -> None:
+    """One train.py in a process of its own; RunFailed unless it exits 0."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # runs at a time share the cores instead of each taking all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    print(f"+ train.py {shlex.join(argv)}", flush=True)
+    code = subprocess.run([sys.executable, str(TRAIN), *argv], env=env).returncode
+    if code != 0:
+        raise RunFailed(f"train.py exited with {code}: {shlex.join(argv)}")
+
+
+def results_of(run: Path) -> dict | None:
+    try:
+        return json.loads((run / "results.json").read_text())
+    except (OSError, ValueError):  # none, or cut short by a kill: the run did not finish
+        return None

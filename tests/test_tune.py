@@ -1,0 +1,90 @@
+"""scripts/tune.py: two worker processes on one sqlite study run its 3 trials between them, each exactly once; the
+trial given a hopeless lr is pruned after its first epoch (--prune-below); best.yaml is a config train.py takes as
+it is; bad space files."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mnist_lit import tune
+from mnist_lit.cli import main as train
+
+TUNE = Path(__file__).resolve().parents[1] / "scripts" / "tune.py"
+SPACE = """
+model.lr: {type: float, low: 0.03, high: 0.1, log: true}
+data.batch_size: {type: categorical, choices: [16, 32]}
+"""
+HOPELESS = {"model.lr": 1e-9, "data.batch_size": 16}  # learns nothing: below --prune-below after epoch 1
+
+
+@pytest.fixture(scope="module")
+def tuned(shared_data_dir, tmp_path_factory):
+    """The two workers' study, their outputs, the save dir."""
+    save_dir = tmp_path_factory.mktemp("tune")
+    storage = f"sqlite:///{save_dir / 'tune.db'}"
+    optuna.create_study(study_name="t", storage=storage, direction="maximize").enqueue_trial(HOPELESS)
+    (save_dir / "space.yaml").write_text(SPACE)
+    command = [sys.executable, str(TUNE), "--space", str(save_dir / "space.yaml"), "--trials", "3", "--storage",
+               storage, "--study", "t", "--epochs", "1", "--prune-below", "0.3", "--data-dir", str(shared_data_dir),
+               "--save-dir", str(save_dir), "--quiet"]  # fmt: skip
+    workers = [subprocess.Popen([*command, "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for seed in (0, 1)]  # fmt: skip
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, out[-3000:] + err[-3000:]
+    return optuna.load_study(study_name="t", storage=storage), outputs, save_dir
+
+
+def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
+    study, outputs, save_dir = tuned
+    trials = study.get_trials()
+    surplus = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]  # both workers took the last slot
+    assert [t.number for t in surplus] in ([], [3]) and all("run_dir" not in t.user_attrs for t in surplus)
+    trials = [t for t in trials if t.state != optuna.trial.TrialState.FAIL]
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] + [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[0].params == HOPELESS and trials[0].intermediate_values[1] < 0.3
+    assert all(0.03 <= t.params["model.lr"] <= 0.1 and t.value == t.intermediate_values[1] for t in trials[1:])
+    runs = sorted(p.parent for p in (save_dir / "initial").glob("version_*/results.json"))
+    assert sorted(Path(t.user_attrs["run_dir"]) for t in trials) == runs  # one run per trial, none twice
+    assert {"started": 2, "ran": 3} == {
+        "started": sum("study t:" in out for out, _ in outputs),
+        "ran": sum(out.count("+ train.py") for out, _ in outputs),
+    }
+
+
+def test_best_yaml_is_a_config_train_py_takes(tuned, capsys):
+    study, _, save_dir = tuned
+    best = yaml.safe_load((save_dir / "best.yaml").read_text())
+    assert best["model"]["lr"] == study.best_params["model.lr"] and best["recipe"] == "seed-tuned"
+    capsys.readouterr()
+    assert train(["--config", str(save_dir / "best.yaml"), "--print_config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["lr"] == study.best_params["model.lr"]
+    assert config["data"]["batch_size"] == study.best_params["data.batch_size"]
+    assert config["trainer"]["max_epochs"] == 1 and config["recipe"] == "seed-tuned"
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (None, "no-such.yaml: No such file or directory"),
+        ("[1, 2]", "a mapping of settings to ranges"),
+        ("model.lr: {type: float, low: 0.1, high: 0.01}", "model.lr: give a train.py setting"),
+        ("lr: {type: float, low: 0.01, high: 0.1}", "lr: give a train.py setting"),
+        ("model.net: {type: categorical, choices: []}", "model.net: give a train.py setting"),
+        ("model.lr: {type: float, low: 0, high: 0.1, log: true}", "model.lr: give a train.py setting"),
+    ],
+)
+def test_bad_space_is_one_line_and_exit_2(space, message, tmp_path, capsys):
+    path = tmp_path / ("no-such.yaml" if space is None else "space.yaml")
+    if space is not None:
+        path.write_text(space)
+    assert tune.main(["--space", str(path), "--trials", "2", "--save-dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --space {path}") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "t").exists()
