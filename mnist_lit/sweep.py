@@ -214,7 +214,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a setting's values, e.g. model.lr=0.01,0.1 (repeatable: the cross product)")  # fmt: skip
     p.add_argument("--then-full", action="store_true", help="each initial run followed by its full stage")
-    p.add_argument("--full-epochs", type=int, help="with --then-full: its epochs (default train.py's, 20)")
+    p.add_argument(
+        "--full-epochs",
+        type=int,
+        help="with --then-full: its last epoch is the initial run's + this (default: train.py's)",
+    )
     p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, metavar="S", help="seconds between a trial's "
                    f"heartbeats; a dead worker's trial is retried 3 later (default {HEARTBEAT_S})")  # fmt: skip
     return p
