@@ -104,7 +104,8 @@ class OptunaPruning(Callback):
             storage, name, number, prune_below = self.where
             storage = launch.open_storage(storage)
             study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(prune_below))
-            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            study_id = storage.get_study_id_from_name(name)  # the storage's public API, not the study's privates
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
             self.trial = optuna.Trial(study, trial_id)
             self.trial.set_user_attr("run_dir", str(Path(trainer.checkpoint_callback.dirpath).parent))
 
