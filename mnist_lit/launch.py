@@ -91,12 +91,28 @@ def open_storage(url: str, heartbeat: int | None = None):
     for handler in logging.getLogger("optuna").handlers:  # optuna's own console handler
         handler.addFilter(no_traceback)
 
-    kwargs: dict = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    # isolation_level None: Python's sqlite3 issues no BEGIN of its own (see begin_immediate)
+    kwargs: dict = {"engine_kwargs": {"connect_args": {"timeout": 60, "isolation_level": None}}} if sqlite else {}
     if heartbeat:
         renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # optuna >= 4.9
         name = "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback"
         kwargs.update(heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{name: retry_callback()})
-    return optuna.storages.RDBStorage(url, **kwargs)
+    storage = optuna.storages.RDBStorage(url, **kwargs)
+    if sqlite:
+        begin_immediate(storage.engine)
+    return storage
+
+
+def begin_immediate(engine) -> None:
+    """Every transaction on this SQLite engine starts with BEGIN IMMEDIATE (SQLAlchemy's documented recipe for
+    pysqlite). SQLite has no SELECT ... FOR UPDATE and Python's sqlite3 begins a transaction only at its first
+    write, so two workers could both read the same WAITING trial (an enqueued one, or the retry of a dead worker's)
+    and both run it (optuna/optuna#4002; tests/test_launch.py shows it). Taking the write lock at BEGIN makes
+    Optuna's read-then-update atomic; a trial's transactions are milliseconds, so workers barely wait."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def run_train(argv: list[str], jobs: int) -> None:

@@ -1,0 +1,34 @@
+"""mnist_lit.launch: several workers on one sqlite study never take the same waiting trial (the race that made
+tune.py's two workers run an enqueued trial twice, optuna/optuna#4002)."""
+
+import collections
+import subprocess
+import sys
+
+import optuna
+
+WORKER = """
+import sys, optuna
+from mnist_lit import launch
+study = optuna.load_study(study_name="q", storage=launch.open_storage(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()  # all workers ask at once
+print(" ".join(str(study.ask().number) for _ in range(10)))
+"""
+
+
+def test_workers_on_one_sqlite_study_never_take_the_same_waiting_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    study = optuna.create_study(study_name="q", storage=url)
+    for x in range(40):
+        study.enqueue_trial({"x": x})
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for _ in range(4)]  # fmt: skip
+    for worker in workers:
+        assert worker.stdout.readline() == "ready\n"
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    taken = [int(n) for worker in workers for n in worker.communicate(timeout=120)[0].split()]
+    assert sorted(taken) == list(range(40)), collections.Counter(taken).most_common(3)  # each trial once
+    assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.RUNNING}
