@@ -25,7 +25,13 @@ initial epochs with lr /10 after epochs 2 and 10, then EPOCHS full-stage epochs 
 lr (1e-4) from a fresh SGD, each evaluated on the 10k test images). Every measurement runs in a fresh process (so
 peak RSS is its own) and times everything after the imports: reading the data, building the model, training,
 evaluating. The variants take turns round by round (in reverse order every other round); the median of the rounds
-is reported, with the ratio to ``plain`` and, where it ran, to ``bare_auto`` (the median of each round's own ratio).
+is reported, with the ratio to ``plain`` and, where it ran, to ``bare_auto`` (the median of each round's own ratio),
+seconds per epoch, milliseconds per training step (the whole run's time over its steps) and the seconds per epoch
+over the plain loop (Lightning's own parity test allows 0.3 s).
+
+``--accelerator gpu``: every variant on one CUDA GPU, each split moved to the GPU once and every batch cut out
+there (the plain loop draws its permutation there too), accuracies counted on the device and read once; CUDA's
+start-up is inside every timing alike. Use ``--epochs 3`` or more there: an epoch takes about a second.
 """
 
 import argparse
@@ -55,6 +61,7 @@ from mnist_lit.net import NETS
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
 NO_PROTOCOL = ("obvious", "bare", "bare_auto")  # one-stage setups without checkpoints to go on from
+DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --accelerator -> torch device
 
 
 @functools.cache
@@ -74,11 +81,20 @@ def seed_settings() -> dict:
 
 
 def plain(
-    data_dir: str, epochs: int, protocol: bool, net_name: str, bf16_cl: bool = False, compiled: bool = False
+    data_dir: str,
+    epochs: int,
+    protocol: bool,
+    net_name: str,
+    accelerator: str = "cpu",
+    bf16_cl: bool = False,
+    compiled: bool = False,
 ) -> float:
-    """The reference: a plain PyTorch loop. Returns the last evaluation's accuracy."""
+    """The reference: a plain PyTorch loop. On a GPU the whole dataset is moved to it once and every batch is cut
+    out there, with the permutation drawn there too: no host-to-device copy and no host sync per step. Returns the
+    last evaluation's accuracy."""
     s = seed_settings()
     batch, eval_batch = s["batch_size"], s["eval_batch_size"]
+    device = torch.device(DEVICES[accelerator])
     torch.manual_seed(0)
     images, labels = load_split(raw_dir(data_dir), "train")
     mean, std = pixel_stats(images)
@@ -88,7 +104,8 @@ def plain(
     stages = [(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], s["lr"], initial_milestones)]
     if protocol:  # the full stage: a constant lr (configs/full.yaml's milestones: [])
         stages.append((images, labels, *load_split(raw_dir(data_dir), "test"), s["full_stage_lr"], []))
-    net = NETS[net_name]()
+    stages = [(*(t.to(device) for t in stage[:4]), *stage[4:]) for stage in stages]  # no-op on the CPU
+    net = NETS[net_name]().to(device)
     if bf16_cl:
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if compiled else net
@@ -97,7 +114,7 @@ def plain(
         x = normalize(x, mean, std)
         if bf16_cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16_cl else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16_cl else contextlib.nullcontext():
             return model(x).float()
 
     for train_x, train_y, eval_x, eval_y, lr, milestones in stages:
@@ -105,27 +122,31 @@ def plain(
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, s["gamma"])
         for epoch in range(epochs):
             net.train()
-            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
+            generator = torch.Generator(device).manual_seed(epoch)
+            order = torch.randperm(len(train_y), generator=generator, device=device)
             for idx in order.split(batch):
                 optimizer.zero_grad()
                 F.nll_loss(forward(train_x[idx]), train_y[idx]).backward()
                 optimizer.step()
             scheduler.step()
             net.eval()
-            with torch.no_grad():
+            with torch.no_grad():  # counted on the device; read once, after the last evaluation
                 correct = sum(
-                    int((forward(x).argmax(1) == y).sum())
+                    (forward(x).argmax(1) == y).sum()
                     for x, y in zip(eval_x.split(eval_batch), eval_y.split(eval_batch))
                 )
-    return correct / len(eval_y)
+    return int(correct) / len(eval_y)
 
 
-def ours(data_dir: str, epochs: int, protocol: bool, net_name: str, options: tuple[str, ...] = ()) -> float:
+def ours(
+    data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str = "cpu", options: tuple[str, ...] = ()
+) -> float:
     """This project's pipeline, as its command line (and, with ``protocol``, scripts/run_all.sh) runs it."""
     from mnist_lit.cli import main
 
     with tempfile.TemporaryDirectory() as save_dir:
         common = ["--data-dir", data_dir, "--save-dir", save_dir, "--quiet"]
+        common += ["--accelerator", "gpu", "--devices", "1"] if accelerator == "gpu" else []
         initial = [*common, "--epochs", str(epochs), "--net", net_name, *options]
         if not protocol:
             initial += ["--milestones", str(epochs + 1)]  # one lr throughout, as in the other variants
@@ -137,10 +158,13 @@ def ours(data_dir: str, epochs: int, protocol: bool, net_name: str, options: tup
         return json.loads(next(Path(save_dir).glob(f"{stage}/version_0/results.json")).read_text())["acc"]
 
 
-def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: bool = False) -> float:
+def bare(
+    data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str = "cpu", automatic: bool = False
+) -> float:
     """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's training_step (manual
-    optimization; ``automatic``: Lightning's automatic optimization), the same in-memory batches, and a Trainer
-    with checkpoints, logging, progress bar and model summary off."""
+    optimization; ``automatic``: Lightning's automatic optimization), the same in-memory batches (on a GPU: cut
+    out on the device, as in the plain loop), and a Trainer with checkpoints, logging, progress bar and model
+    summary off."""
     import pytorch_lightning as pl
 
     if protocol:
@@ -152,7 +176,7 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: b
             super().__init__()
             self.net, self.mean, self.std = NETS[net_name](), mean, std
             self.automatic_optimization = automatic
-            self.correct = 0
+            self.correct = torch.zeros((), dtype=torch.long)
 
         def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.nll_loss(self.net(normalize(images, self.mean, self.std)), targets)
@@ -166,11 +190,11 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: b
             optimizer.step()
 
         def on_validation_epoch_start(self):
-            self.correct = 0
+            self.correct = torch.zeros((), dtype=torch.long, device=self.device)
 
-        def validation_step(self, batch, batch_idx):
+        def validation_step(self, batch, batch_idx):  # counted on the device, as in the plain loop
             images, targets = batch
-            self.correct += int((self.net(normalize(images, self.mean, self.std)).argmax(1) == targets).sum())
+            self.correct += (self.net(normalize(images, self.mean, self.std)).argmax(1) == targets).sum()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=s["lr"], momentum=s["momentum"])
@@ -180,6 +204,8 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: b
     train_idx, val_idx = split_indices(len(labels), s["val_fraction"], seed=0)
     module = BareModule(*pixel_stats(images))
     trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
@@ -187,13 +213,14 @@ def bare(data_dir: str, epochs: int, protocol: bool, net_name: str, automatic: b
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    train = InMemoryLoader(images[train_idx], labels[train_idx], s["batch_size"], shuffle=True)
-    val = InMemoryLoader(images[val_idx], labels[val_idx], s["eval_batch_size"], shuffle=False)
+    device = DEVICES[accelerator]
+    train = InMemoryLoader(images[train_idx].to(device), labels[train_idx].to(device), s["batch_size"], shuffle=True)
+    val = InMemoryLoader(images[val_idx].to(device), labels[val_idx].to(device), s["eval_batch_size"], shuffle=False)
     trainer.fit(module, train, val)
-    return module.correct / len(val_idx)
+    return int(module.correct) / len(val_idx)
 
 
-def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
+def tutorial(data_dir: str, epochs: int, net_name: str, accelerator: str) -> float:
     """The usual tutorial: torchvision dataset, transforms, DataLoader, per-step logging, default Trainer."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, random_split
@@ -230,16 +257,18 @@ def tutorial(data_dir: str, epochs: int, net_name: str) -> float:
     train_set, val_set = random_split(full, [0.9, 0.1], generator=torch.Generator().manual_seed(0))
     module = TutorialModule()
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(max_epochs=epochs, default_root_dir=root, enable_progress_bar=False)
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=1, max_epochs=epochs, default_root_dir=root, enable_progress_bar=False
+        )
         train_loader = DataLoader(train_set, batch_size=s["batch_size"], shuffle=True)
         trainer.fit(module, train_loader, DataLoader(val_set, s["eval_batch_size"]))
     return float(trainer.callback_metrics["val_acc"])
 
 
-def obvious(data_dir: str, epochs: int, protocol: bool, net_name: str) -> float:
+def obvious(data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str = "cpu") -> float:
     if protocol:
         raise UserError("the obvious setup has no --protocol mode (it is the one-stage tutorial)")
-    return tutorial(data_dir, epochs, net_name)
+    return tutorial(data_dir, epochs, net_name, accelerator)
 
 
 VARIANTS = {
@@ -254,22 +283,26 @@ VARIANTS = {
 }
 
 
-def measure(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str = "lenet") -> dict:
-    """Run one variant in this process; wall time after the imports, peak RSS of the process."""
+def measure(
+    variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str = "lenet", accelerator: str = "cpu"
+) -> dict:
+    """Run one variant in this process; wall time after the imports (CUDA's initialisation included), peak RSS of
+    the process."""
     from mnist_lit.cli import keep_freed_memory
 
     keep_freed_memory()  # as the command line does: every variant runs under the same malloc settings
     seed_settings()  # read before the clock starts
     start = time.perf_counter()
-    accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name)
+    accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name, accelerator)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return {"variant": variant, "seconds": seconds, "acc": accuracy, "peak_rss_mb": peak_rss_mb}
 
 
-def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str) -> dict:
+def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--data-dir", data_dir]
-    cmd += ["--net", net_name, "--epochs", str(epochs)] + (["--protocol"] if protocol else [])
+    cmd += ["--net", net_name, "--epochs", str(epochs), "--accelerator", accelerator]
+    cmd += ["--protocol"] if protocol else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last_line = (proc.stderr.strip().splitlines() or ["(no error output)"])[-1]
@@ -283,19 +316,30 @@ def round_ratios(results: list[dict], reference: list[dict] | None) -> list[floa
 
 
 def benchmark(
-    data_dir: str, epochs: int, rounds: int, variants: list[str], out: str, protocol: bool, net_name: str = "lenet"
+    data_dir: str,
+    epochs: int,
+    rounds: int,
+    variants: list[str],
+    out: str,
+    protocol: bool,
+    net_name: str = "lenet",
+    accelerator: str = "cpu",
 ) -> dict:
     if protocol and set(NO_PROTOCOL) & set(variants):
         raise UserError("obvious, bare and bare_auto have no --protocol mode: leave them out of --variants")
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise UserError("--accelerator gpu: no CUDA GPU here")
     # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k
     samples = epochs * (54000 + 6000) + (epochs * (60000 + 10000) if protocol else 0)
     epoch_count = 2 * epochs if protocol else epochs
+    batch = seed_settings()["batch_size"]
+    steps = epochs * -(-54000 // batch) + (epochs * -(-60000 // batch) if protocol else 0)  # training steps
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(1, rounds + 1):
         # Interleaved, in reverse order every other round: a slow spell or a drift of the machine's speed hits
         # every variant alike.
         for variant in variants if round_ % 2 else variants[::-1]:
-            result = run_child(variant, data_dir, epochs, protocol, net_name)
+            result = run_child(variant, data_dir, epochs, protocol, net_name, accelerator)
             runs[variant].append(result)
             print(
                 f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
@@ -305,7 +349,8 @@ def benchmark(
     summary = {}
     reference = statistics.median(r["seconds"] for r in runs["plain"]) if "plain" in runs else None
     what = f"{epochs} + {epochs} epochs of the two-stage protocol" if protocol else f"{epochs} epoch(s)"
-    print(f"\nmedian of {rounds} rounds, {what} of {net_name}, torch threads {torch.get_num_threads()}:")
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"\nmedian of {rounds} rounds, {what} of {net_name}, {device}:")
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         # Each round's own ratio (against that round's plain loop, or bare_auto) shows how much the machine's
@@ -315,6 +360,9 @@ def benchmark(
         summary[variant] = {
             "seconds": seconds,
             "seconds_per_epoch": seconds / epoch_count,
+            "ms_per_step": 1000 * seconds / steps,  # the whole run's time over its training steps
+            # Lightning's parity test (tests/parity_pytorch) allows 0.3 s per epoch over the plain loop
+            "extra_s_per_epoch": (seconds - reference) / epoch_count if reference else None,
             "samples_per_s": samples / seconds,
             "ratio_to_plain": seconds / reference if reference else None,
             "median_round_ratio_to_plain": statistics.median(to_plain) if to_plain else None,
@@ -325,11 +373,12 @@ def benchmark(
         }
         ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
         if reference and variant != "plain":
-            ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f})"
+            extra = (seconds - reference) / epoch_count
+            ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f}; {extra:+.2f} s/epoch)"
         if to_bare_auto:
             ratio += f"  {summary[variant]['ratio_to_bare_auto']:5.3f}x bare_auto"
         print(
-            f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {samples / seconds:7.0f} samples/s  {ratio}  "
+            f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {1000 * seconds / steps:6.2f} ms/step  {ratio}  "
             f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"
         )
     report = {
@@ -337,6 +386,9 @@ def benchmark(
         "epochs": epochs,
         "protocol": protocol,
         "rounds": rounds,
+        "accelerator": accelerator,
+        "device": device,
+        "steps": steps,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -354,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", action="store_true", help="time the whole two-stage protocol")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--net", default="lenet", choices=["lenet", "linear"], help="lenet (default) or linear")
+    parser.add_argument("--accelerator", default="cpu", choices=DEVICES, help="cpu (default) or gpu (one CUDA GPU)")
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -367,14 +420,18 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         args = parser.parse_args(argv)
         if args.child:  # one measurement, in its own process
-            print(json.dumps(measure(args.child, args.data_dir, args.epochs, args.protocol, args.net)))
+            print(
+                json.dumps(measure(args.child, args.data_dir, args.epochs, args.protocol, args.net, args.accelerator))
+            )
             return 0
         if args.epochs < 1 or args.rounds < 1:
             raise UserError("--epochs and --rounds must be >= 1")
         if Path(args.out).exists() and not args.force:  # before the minutes of timing, not after
             raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
         variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "bare_auto", "obvious"])
-        benchmark(args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net)
+        benchmark(
+            args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net, args.accelerator
+        )
         return 0
 
     return exit_code(body)

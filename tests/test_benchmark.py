@@ -76,3 +76,11 @@ def test_the_linear_net_runs_in_every_timed_variant(shared_data_dir, tmp_path):
     check_report(report, variants)
     assert report["net"] == "linear"
     assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all four
+
+
+def test_accelerator_gpu_without_cuda_is_one_line(shared_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    argv = ["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json"), "--accelerator", "gpu"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "error: --accelerator gpu: no CUDA GPU here\n"
+    assert not (tmp_path / "b.json").exists()

@@ -78,3 +78,13 @@ def test_no_host_sync_inside_a_training_step(recipe, shared_data_dir, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert SyncsAreErrors.steps >= 20 * 288 // 16  # every step ran under the check (288 training images)
+
+
+def test_benchmark_times_plain_ours_and_bare_auto_on_the_gpu(shared_data_dir, tmp_path):
+    from test_benchmark import bench, check_report
+
+    variants = ["plain", "ours", "bare_auto"]
+    report = bench.benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), False, "linear", "gpu")
+    check_report(report, variants)
+    assert report["accelerator"] == "gpu" and report["device"] == torch.cuda.get_device_name()
+    assert all(v["ms_per_step"] > 0 and v["extra_s_per_epoch"] is not None for v in report["variants"].values())
