@@ -266,7 +266,7 @@ def train(argv: list[str]) -> dict:
         "acc": float(metrics[f"{model.eval_split}/acc"]) if count else None,
         "loss": float(metrics[f"{model.eval_split}/loss"]) if count else None,
         "processes": trainer.world_size,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 2),
     }
     if run_dir is not None:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -34,7 +34,7 @@ def digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_before_and_after_one_step(model, batch, precision="32-true") -> tuple[float, float]:
     """The model's training-mode loss on ``batch`` before and after one step of training_step, run by a
-    minimal Trainer (the module optimizes manually, through the Trainer's optimizer)."""
+    minimal Trainer."""
 
     def loss() -> float:
         model.train()
