@@ -2,12 +2,14 @@
 # The measurements that need a CUDA GPU (CI has none), made to run in one call on a lent machine. Each part
 # appends its raw lines to OUT_DIR/gpu_check_<device>.txt (docs/ keeps a copy); logs and runs stay in OUT_DIR.
 #   usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]       (PYTHON=python3 to choose the interpreter)
-# Parts, in this order (default: all five):
+# Parts, in this order (default: all six):
 #   tests     tests/test_gpu.py: both stages of every recipe, no host sync inside a training step, the benchmark
 #   bench     benchmark.py --accelerator gpu: plain loop, this project, bare_auto; seed net, batch 64, 3 epochs
 #   fast      --recipe fast, seeds 0-4: the run's own time, the whole process's, val and test accuracy, means
 #   protocol  scripts/run_all.sh on the GPU (wall time, accuracies) beside the plain loop's protocol there
 #   strong    --recipe strong, seeds 0-2, one run at a time: time per run, test accuracy, the mean
+#   levers    the fast recipe (seed 0) with validation only at the end, in float32, without channels_last; and
+#             the plain loop under torch.compile (compile time counted) beside the plain loop
 # Relative paths are taken from the current folder, as with any command. OUT_DIR may exist (a second call
 # with other parts adds to it); a part never reuses another call's runs: each gets a new folder.
 # ACCELERATOR=cpu runs it all on the CPU instead: a rehearsal on small files (tests/test_gpu_check.py).
@@ -16,7 +18,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=$(realpath -m "${1:?usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]}")
 OUT=$(realpath -m "${2:?usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]}")
 shift 2
-parts=${*:-tests bench fast protocol strong}
+parts=${*:-tests bench fast protocol strong levers}
 PY=${PYTHON:-python}
 ACCELERATOR=${ACCELERATOR:-gpu}
 export PYTHONUNBUFFERED=1
@@ -24,7 +26,7 @@ export PYTHONUNBUFFERED=1
 shim=$(mktemp -d) && printf '#!/bin/sh\nexec %q "$@"\n' "$(command -v "$PY")" > "$shim/python" &&
   chmod +x "$shim/python" && export PATH="$shim:$PATH"
 for part in $parts; do
-  case $part in tests|bench|fast|protocol|strong) ;; *) echo "error: unknown part $part" >&2; exit 2 ;; esac
+  case $part in tests|bench|fast|protocol|strong|levers) ;; *) echo "error: unknown part $part" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 if [ "$ACCELERATOR" = cpu ]; then
@@ -49,28 +51,29 @@ new_dir() {  # OUT/NAME, or OUT/NAME.2, ... if an earlier call made it
   mkdir -p "$dir" && echo "$dir"
 }
 
-# One train.py run per seed, timed as a process; then every run's last checkpoint on the test set (evaluate.py's
-# own code, in one process to spare its start-up); one line per run and the means.
+# LABEL RECIPE "OPTIONS" SEED...: one train.py run per seed, timed as a process; then every run's last checkpoint
+# on the test set (evaluate.py's own code, in one process to spare its start-up); one line per run and the means.
 recipe_runs() {
-  local recipe=$1 dir seed
-  shift
-  dir=$(new_dir "$recipe")
+  local label=$1 recipe=$2 options=$3 dir seed
+  shift 3
+  dir=$(new_dir "$label")
   for seed in "$@"; do
+    # shellcheck disable=SC2086  # OPTIONS: words on purpose
     { time "$PY" "$root/scripts/train.py" --recipe "$recipe" --seed "$seed" --accelerator "$ACCELERATOR" --devices 1 \
-        --data-dir "$DATA_DIR" --save-dir "$dir/seed$seed" --quiet > "$dir/seed$seed.log" 2>&1 || failed=1; } \
+        --data-dir "$DATA_DIR" --save-dir "$dir/seed$seed" --quiet $options > "$dir/seed$seed.log" 2>&1 || failed=1; } \
       2> "$dir/seed$seed.process_s"
   done
-  "$PY" - "$recipe" "$DATA_DIR" "$dir" "$@" <<'PY' | tee -a "$report"
+  "$PY" - "$label" "$DATA_DIR" "$dir" "$@" <<'PY' | tee -a "$report"
 import contextlib, io, json, re, statistics, sys
 from pathlib import Path
 from mnist_lit.evaluate import main as evaluate
-recipe, data_dir, out, seeds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+label, data_dir, out, seeds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
 rows = []
 for seed in seeds:
     run = out / f"seed{seed}" / "initial" / "version_0"
     process_s = (out / f"seed{seed}.process_s").read_text().strip()
     if not (run / "results.json").exists():
-        print(f"{recipe} seed {seed}: FAILED (see {out}/seed{seed}.log)")
+        print(f"{label} seed {seed}: FAILED (see {out}/seed{seed}.log)")
         continue
     r = json.loads((run / "results.json").read_text())
     text = io.StringIO()
@@ -78,16 +81,16 @@ for seed in seeds:
         code = evaluate(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data-dir", data_dir])
     found = re.search(r"^ *all +(\d+) +(\d+)", text.getvalue(), re.M)
     if code != 0 or not found:
-        print(f"{recipe} seed {seed}: evaluate.py failed ({code})")
+        print(f"{label} seed {seed}: evaluate.py failed ({code})")
         continue
     count, correct = map(int, found.groups())
     rows.append((r["wall_s"], float(process_s), 100 * r["acc"], 100 * correct / count))
-    print(f"{recipe} seed {seed}: epoch {r['epoch']} val {r['correct']}/{r['count']} ({100 * r['acc']:.2f}%) | "
+    print(f"{label} seed {seed}: epoch {r['epoch']} val {r['correct']}/{r['count']} ({100 * r['acc']:.2f}%) | "
           f"run {r['wall_s']:.2f} s | process {process_s} s | test {correct}/{count} ({100 * correct / count:.2f}%)")
 if rows:
     run_s, process_s, val, test = zip(*rows)
     sd = statistics.stdev(test) if len(test) > 1 else 0.0
-    print(f"{recipe} mean of {len(rows)} seeds: run {statistics.mean(run_s):.2f} s (max {max(run_s):.2f}) | process "
+    print(f"{label} mean of {len(rows)} seeds: run {statistics.mean(run_s):.2f} s (max {max(run_s):.2f}) | process "
           f"{statistics.mean(process_s):.1f} s | val {statistics.mean(val):.2f}% | test {statistics.mean(test):.3f}% "
           f"(sd {sd:.3f})")
 PY
@@ -105,7 +108,7 @@ for part in $parts; do
       "$PY" "$root/benchmarks/benchmark.py" --accelerator "$ACCELERATOR" --data-dir "$DATA_DIR" --epochs 3 --rounds 3 \
         --variants plain ours bare_auto --out "$json" 2>&1 | tee -a "$report" || failed=1 ;;
     fast)
-      recipe_runs fast 0 1 2 3 4 ;;
+      recipe_runs fast fast "" 0 1 2 3 4 ;;
     protocol)
       dir=$(new_dir protocol)
       { time bash "$root/scripts/run_all.sh" "$DATA_DIR" "$dir/runs" > "$dir/run_all.log" 2>&1 || failed=1; } \
@@ -115,7 +118,13 @@ for part in $parts; do
       "$PY" "$root/benchmarks/benchmark.py" --accelerator "$ACCELERATOR" --data-dir "$DATA_DIR" --protocol --epochs 20 \
         --rounds 1 --variants plain --out "$dir/plain_protocol.json" 2>&1 | tee -a "$report" || failed=1 ;;
     strong)
-      recipe_runs strong 0 1 2 ;;
+      recipe_runs strong strong "" 0 1 2 ;;
+    levers)
+      recipe_runs fast_val_at_end fast "--trainer.num_sanity_val_steps 0 --trainer.check_val_every_n_epoch 2" 0
+      recipe_runs fast_fp32 fast "--precision 32-true" 0
+      recipe_runs fast_no_channels_last fast "--model.channels_last false" 0
+      "$PY" "$root/benchmarks/benchmark.py" --accelerator "$ACCELERATOR" --data-dir "$DATA_DIR" --epochs 3 --rounds 1 \
+        --variants plain plain_compiled --out "$(new_dir levers)/compile.json" 2>&1 | tee -a "$report" || failed=1 ;;
   esac
 done
 say "# exit $failed"
