@@ -105,6 +105,7 @@ class MNISTCLI(LightningCLI):
                     "--stage full needs --ckpt: the initial stage's checkpoint to go on from (e.g. last.ckpt)"
                 )
             check_seed(first)
+            check_last_epoch_validated(first)
             self.config = parser.parse_args([*args, *printing]) if printing else first
             return
         env_ckpt = None if launched_as_rank_zero() else os.environ.get(CKPT_ENV)
@@ -151,6 +152,7 @@ class MNISTCLI(LightningCLI):
                 f"--epochs {self.config.trainer.max_epochs} is not beyond the checkpoint's epoch {done}: nothing to "
                 "train"
             )
+        check_last_epoch_validated(self.config)
         if printing:  # print the resolved settings and exit
             parser.parse_args(
                 [*layers, *args, *ckpt_arg, f"--trainer.max_epochs={self.config.trainer.max_epochs}", *printing]
@@ -204,6 +206,14 @@ def check_seed(config) -> None:
     seed = config.seed_everything
     if type(seed) is not int or seed < 0:
         raise UserError(f"--seed must be an integer >= 0 (got {seed}): runs are reproducible by their seed")
+
+
+def check_last_epoch_validated(config) -> None:
+    """A run's results are its last epoch's evaluation: --trainer.check_val_every_n_epoch N must reach it."""
+    every, epochs = config.trainer.check_val_every_n_epoch, config.trainer.max_epochs
+    if every and epochs and epochs % every:
+        raise UserError(f"--trainer.check_val_every_n_epoch {every} skips the evaluation of the last epoch "
+                        f"({epochs}): the run's results would be an earlier epoch's; give a divisor of it")  # fmt: skip
 
 
 def changed_settings(parser, base, config) -> set[str]:

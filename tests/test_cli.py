@@ -232,6 +232,7 @@ def test_original_and_short_spellings_are_the_full_names():
         (["--stage", "half"], 'Parser key "stage"'),
         (["--no-such-option"], "unrecognized arguments"),
         (["--config", "nowhere.yaml"], "nowhere.yaml"),
+        (["--epochs", "3", "--trainer.check_val_every_n_epoch", "2"], "skips the evaluation of the last epoch (3)"),
     ],
 )
 def test_bad_options_give_one_error_line(argv, message, shared_data_dir, tmp_path, capsys):
@@ -275,6 +276,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--ckpt", last, "--recipe", "fast"], "differs from the checkpoint's"),
         (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: model.net slim differs from its lenet"),
         (["--ckpt", tmp_path], "a folder, not a checkpoint file"),
+        (["--stage", "full", "--ckpt", last, "--trainer.check_val_every_n_epoch", "5"], "last epoch (24)"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
