@@ -371,15 +371,15 @@ def benchmark(
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "rounds": results,
         }
-        ratio = f"{seconds / reference:5.3f}x plain" if reference else ""
+        figures = summary[variant]
+        ratio = f"{figures['ratio_to_plain']:5.3f}x plain" if reference else ""
         if reference and variant != "plain":
-            extra = (seconds - reference) / epoch_count
-            ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f}; {extra:+.2f} s/epoch)"
+            ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f}; {figures['extra_s_per_epoch']:+.2f} s/epoch)"
         if to_bare_auto:
-            ratio += f"  {summary[variant]['ratio_to_bare_auto']:5.3f}x bare_auto"
+            ratio += f"  {figures['ratio_to_bare_auto']:5.3f}x bare_auto"
         print(
-            f"  {variant:14s} {seconds / epoch_count:7.2f} s/epoch  {1000 * seconds / steps:6.2f} ms/step  {ratio}  "
-            f"peak RSS {summary[variant]['peak_rss_mb']:.0f} MiB"
+            f"  {variant:14s} {figures['seconds_per_epoch']:7.2f} s/epoch  {figures['ms_per_step']:6.2f} ms/step  "
+            f"{ratio}  peak RSS {figures['peak_rss_mb']:.0f} MiB"
         )
     report = {
         "net": net_name,

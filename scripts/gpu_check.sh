@@ -64,7 +64,7 @@ recipe_runs() {
       2> "$dir/seed$seed.process_s"
   done
   "$PY" - "$label" "$DATA_DIR" "$dir" "$@" <<'PY' | tee -a "$report"
-import contextlib, io, json, re, statistics, sys
+import contextlib, io, json, statistics, sys
 from pathlib import Path
 from mnist_lit.evaluate import main as evaluate
 label, data_dir, out, seeds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
@@ -76,14 +76,15 @@ for seed in seeds:
         print(f"{label} seed {seed}: FAILED (see {out}/seed{seed}.log)")
         continue
     r = json.loads((run / "results.json").read_text())
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        code = evaluate(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data-dir", data_dir])
-    found = re.search(r"^ *all +(\d+) +(\d+)", text.getvalue(), re.M)
-    if code != 0 or not found:
+    evaluation = out / f"seed{seed}.test"  # evaluate.py's metrics.json, pictures; its table is not for the report
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = evaluate(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data-dir", data_dir,
+                         "--out", str(evaluation)])
+    if code != 0:
         print(f"{label} seed {seed}: evaluate.py failed ({code})")
         continue
-    count, correct = map(int, found.groups())
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    correct, count = metrics["correct"], metrics["count"]
     rows.append((r["wall_s"], float(process_s), 100 * r["acc"], 100 * correct / count))
     print(f"{label} seed {seed}: epoch {r['epoch']} val {r['correct']}/{r['count']} ({100 * r['acc']:.2f}%) | "
           f"run {r['wall_s']:.2f} s | process {process_s} s | test {correct}/{count} ({100 * correct / count:.2f}%)")
