@@ -31,6 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_lit import callbacks
+from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import CONFIGS, expand_short_flags
@@ -58,7 +59,8 @@ TRAINER_DEFAULTS = {
 class MNISTCLI(LightningCLI):
     """LightningCLI with this project's run handling: stages, checkpoints found by name, one folder per run."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], trust_checkpoint_config: bool = False):
+        self.trust_checkpoint_config = trust_checkpoint_config
         self.run_dir: Path | None = None
         self.ckpt_path: Path | None = None
         self.resume = False
@@ -82,7 +84,8 @@ class MNISTCLI(LightningCLI):
             type=str | None,
             default=None,
             help="checkpoint to resume (same stage) or to start the full stage from; a bare name such as last.ckpt "
-            "means that file of the newest initial-stage run under --save_dir",
+            "means that file of the newest initial-stage run under --save_dir. The checkpoint's stored settings are "
+            f"read as data (no code they name runs; their paths are not used) unless {TRUST_FLAG} is given",
         )
         parser.add_argument("--save_dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
         parser.add_argument("--save_freq", type=int, default=5, help="keep a numbered checkpoint every N epochs")
@@ -117,11 +120,14 @@ class MNISTCLI(LightningCLI):
                 f"{self.ckpt_path} was written by mnist_lit 0.1, before configs: train.py cannot go on from it "
                 "(evaluate.py, predict.py and export.py still read it)"
             )
-        saved = yaml.safe_load(ckpt["config"])
-        if saved["stage"] == "full" and first.stage == "initial":
+        stored = ckpt["config"]
+        if not self.trust_checkpoint_config:  # data, not code: nothing it names runs, its paths are not used
+            stored = checkpoint_config(stored, self.ckpt_path)
+        saved_stage = yaml.safe_load(stored).get("stage")
+        if saved_stage == "full" and first.stage == "initial":
             raise UserError(f"{self.ckpt_path} is a full-stage checkpoint: resume it with --stage full")
-        self.resume = saved["stage"] == first.stage
-        layers = ["--config", ckpt["config"]] + ([] if self.resume else ["--config", str(CONFIGS / "full.yaml")])
+        self.resume = saved_stage == first.stage
+        layers = ["--config", stored] + ([] if self.resume else ["--config", str(CONFIGS / "full.yaml")])
         ckpt_arg = ["--ckpt", str(self.ckpt_path.resolve())]
         base = parser.parse_args([*layers, *ckpt_arg])
         self.config = parser.parse_args([*layers, *args, *ckpt_arg])
@@ -192,10 +198,23 @@ class MNISTCLI(LightningCLI):
                 enable_progress_bar=show and given.enable_progress_bar is not False,
                 enable_model_summary=show and given.enable_model_summary is not False,
             )
-        except (MisconfigurationException, ValueError) as err:
+        except SETTINGS_ERRORS as err:
             if self.run_dir is not None:
                 self.run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
-            raise UserError(f"the Trainer refused the options: {' '.join(str(err).split())}") from None
+            raise UserError(f"the Trainer refused the options: {first_error(err)}") from None
+
+
+# What building or setting up the Trainer, its callbacks, loggers and plugins raises for settings it cannot use
+# (a clash of callbacks, a missing optional package, a bad value): one error line for the user, not a traceback.
+SETTINGS_ERRORS = (MisconfigurationException, ImportError, ValueError, TypeError, RuntimeError)
+
+
+def first_error(err: Exception) -> str:
+    """An exception's message on one line; of jsonargparse's list of errors for a union type, the first."""
+    text = str(err)
+    if "\nErrors:\n" in text:
+        text = text.split("\nErrors:\n", 1)[1].split("\n", 1)[0].lstrip(" -")
+    return " ".join(text.split())[:400]
 
 
 def listed(value) -> list:
@@ -236,11 +255,15 @@ def changed_settings(parser, base, config) -> set[str]:
 def train(argv: list[str]) -> dict:
     """Run one stage as the command line says; returns the results (rank 0 also writes them to results.json)."""
     args = expand_short_flags(argv)
+    trust = TRUST_FLAG in args
+    args = [a for a in args if a != TRUST_FLAG]
     with console():
         try:
-            cli = MNISTCLI(args)
+            cli = MNISTCLI(args, trust_checkpoint_config=trust)
         except argparse.ArgumentError as err:  # jsonargparse's messages span lines: one line for our users
             raise UserError(" ".join(str(err).split())) from None
+        except SETTINGS_ERRORS as err:  # a callback, logger or plugin the settings name could not be built
+            raise UserError(f"the settings could not be built: {first_error(err)}") from None
         run_dir, trainer, model = cli.run_dir, cli.trainer, cli.model
         with log_file(run_dir):
             if run_dir is not None:
@@ -253,9 +276,12 @@ def train(argv: list[str]) -> dict:
                 os.environ[CKPT_ENV] = str(cli.ckpt_path.resolve())
             try:
                 trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
-            except BaseException:
-                if run_dir is not None and not any(run_dir.glob("checkpoints/*.ckpt")):
+            except BaseException as err:
+                saved = run_dir is not None and any(run_dir.glob("checkpoints/*.ckpt"))
+                if run_dir is not None and not saved:
                     shutil.rmtree(run_dir)  # nothing to resume or use: a failed launch leaves no run folder
+                if isinstance(err, SETTINGS_ERRORS) and not saved:  # the Trainer's set-up refused the settings
+                    raise UserError(f"the run could not start: {first_error(err)}") from None
                 raise
             finally:
                 if run_dir is not None:

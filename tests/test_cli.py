@@ -152,7 +152,8 @@ def test_full_stage_takes_the_runs_settings_then_full_yaml_and_20_more_epochs(in
     assert config["trainer"]["max_epochs"] == 4 + 20
     assert (config["model"]["lr"], config["model"]["milestones"], config["model"]["momentum"]) == (1e-4, [], 0.5)
     assert config["seed_everything"] == 0 and config["data"]["batch_size"] == 64  # inherited from the initial run
-    assert config["data"]["data_dir"] == str(data_dir) and config["ckpt"] == str(last.resolve())
+    assert config["data"]["data_dir"] == "data"  # paths come from the command line (or defaults), not the checkpoint
+    assert config["ckpt"] == str(last.resolve())
     assert run_dirs(save_dir, "full") == full_runs  # printing the settings starts no run
     assert run("--ckpt", last, "--save-dir", save_dir, "--quiet") == 2  # a resume keeps the run's last epoch: done
     assert resolved_config(capsys, "--ckpt", last, "--epochs", "6")["trainer"]["max_epochs"] == 6
@@ -323,6 +324,27 @@ def test_options_the_trainer_refuses_leave_no_run_directory(argv, shared_data_di
     err = capsys.readouterr().err
     assert err.startswith("error: the Trainer refused the options: ") and err.count("\n") == 1, err
     assert run_dirs(tmp_path, "initial") == []  # so `--ckpt last.ckpt` still finds the last real run
+
+
+@pytest.mark.parametrize(
+    "argv, patch, message",
+    [
+        (["--trainer.callbacks+=ModelCheckpoint"], None, "the Trainer refused the options: Found more than one"),
+        (["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=x", "--trainer.callbacks.mode=bad"], None,
+         "the settings could not be built: `mode` can be min, max, got bad"),
+        (["--trainer.callbacks+=DeviceStatsMonitor"], "psutil missing",
+         "the run could not start: `DeviceStatsMonitor` cannot log CPU stats as `psutil` is not installed"),
+    ],
+)  # fmt: skip
+def test_settings_the_trainer_cannot_use_give_one_line_and_no_run_folder(
+    argv, patch, message, shared_data_dir, tmp_path, capsys, monkeypatch
+):
+    if patch == "psutil missing":
+        monkeypatch.setattr("pytorch_lightning.callbacks.device_stats_monitor._PSUTIL_AVAILABLE", False)
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--quiet", "--epochs", "1", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert run_dirs(tmp_path, "initial") == []
 
 
 @pytest.mark.parametrize("quiet", [True, False])

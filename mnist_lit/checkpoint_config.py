@@ -1,0 +1,91 @@
+"""A checkpoint's stored settings, read as data.
+
+``train.py --ckpt X`` starts from the config stored inside the checkpoint. LightningCLI instantiates any
+``class_path`` a config names and resolves import paths given for callables, so a checkpoint from elsewhere
+could choose which code runs. Before that config is parsed, ``checkpoint_config`` refuses anything in it that
+names code, unless it is on the short allow-list below, and drops the paths it holds, so that where a new run
+reads and writes comes from the command line (or the defaults), never from the checkpoint.
+``--trust-checkpoint-config`` skips the check for a checkpoint the user vouches for.
+"""
+
+import re
+
+import yaml
+
+from mnist_lit.errors import UserError
+
+# Classes a stored config may name, with the arguments it may set for them: plain values only, no paths and no
+# callables (an argument not listed, e.g. EMA's multi_avg_fn, must be null).
+ALLOWED_CLASSES = {
+    "mnist_lit.callbacks.EMAWithFreshBatchNorm": {
+        "device", "use_buffers", "decay", "update_every_n_steps", "update_starting_at_step",
+        "update_starting_at_epoch",
+    },
+    "pytorch_lightning.callbacks.EarlyStopping": {
+        "monitor", "min_delta", "patience", "verbose", "mode", "strict", "check_finite", "stopping_threshold",
+        "divergence_threshold", "check_on_train_epoch_end", "log_rank_zero_only",
+    },
+    "pytorch_lightning.callbacks.LearningRateMonitor": {"logging_interval", "log_momentum", "log_weight_decay"},
+    "pytorch_lightning.callbacks.DeviceStatsMonitor": {"cpu_stats"},
+    "pytorch_lightning.callbacks.ModelSummary": {"max_depth"},
+    "pytorch_lightning.callbacks.Timer": {"duration", "interval", "verbose"},
+}  # fmt: skip
+# Where a run reads or writes: taken from the command line (or the defaults), never from a checkpoint.
+PATH_KEYS = (("save_dir",), ("ckpt",), ("data", "data_dir"), ("trainer", "default_root_dir"))
+# A dotted name such as ``builtins.print``: jsonargparse resolves such a string to the object it names.
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+TRUST_FLAG = "--trust-checkpoint-config"
+
+
+def checkpoint_config(text: str, source) -> str:
+    """The config stored in a checkpoint as YAML to parse: its paths dropped; UserError if it names code that is
+    not allowed."""
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: its stored settings are not a config (not a YAML mapping)")
+    refuse_code(config, "", source)
+    for *parents, key in PATH_KEYS:
+        section = config
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(key, None)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def refuse_code(value, key: str, source) -> None:
+    """Raise UserError naming the first key under ``value`` that names code not on the allow-list."""
+
+    def refuse(what: str):
+        raise UserError(
+            f"{source}: its stored settings name code at {key or 'the top level'} ({what}); refused, since a "
+            f"checkpoint's settings are data. If you trust this checkpoint, pass {TRUST_FLAG}"
+        )
+
+    if isinstance(value, dict):
+        if "class_path" in value:
+            class_path = value["class_path"]
+            allowed = ALLOWED_CLASSES.get(class_path)
+            if allowed is None:
+                refuse(f"class {class_path}")
+            extra = set(value) - {"class_path", "init_args"}
+            if extra:
+                refuse(f"{', '.join(sorted(extra))} of {class_path}")
+            init_args = value.get("init_args") or {}
+            if not isinstance(init_args, dict):
+                refuse(f"init_args of {class_path}")
+            for name, arg in init_args.items():
+                if name not in allowed and arg is not None:
+                    refuse(f"argument {name} of {class_path}")
+                refuse_code(arg, f"{key}.init_args.{name}", source)
+            return
+        for name, item in value.items():
+            refuse_code(item, f"{key}.{name}" if key else str(name), source)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            refuse_code(item, f"{key}[{i}]", source)
+    elif isinstance(value, str) and IMPORT_PATH.fullmatch(value):
+        refuse(f"import path {value}")
