@@ -5,8 +5,11 @@ VENV ?= .venv
 DATA_DIR ?= data
 SAVE_DIR ?= lightning_logs
 BIN := $(VENV)/bin
+# Debian packages the tests use: chromium for tests/test_tensorboard.py's browser. Without them (and not root to
+# install them) those tests are skipped.
+SYSTEM_PACKAGES := chromium
 
-.PHONY: install run test test-fast lint tensorboard clean
+.PHONY: install system-deps run test test-fast lint tensorboard clean
 
 # torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg.
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -17,13 +20,19 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ] || ! command -v apt-get >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	else echo "not installed: $$missing (sudo make system-deps); the tests that need them are skipped"; fi
+
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run_all.sh "$(DATA_DIR)" "$(SAVE_DIR)"
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install system-deps
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install

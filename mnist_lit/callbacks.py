@@ -1,6 +1,7 @@
 """The project's additions to Lightning, each through Lightning's own extension points (callbacks, a CheckpointIO
-plugin, a ModelCheckpoint subclass, a logger): numbered and last checkpoints, atomic writes, a line per epoch,
-the divergence stop, the full stage's fresh optimizer, EMA with recomputed BatchNorm statistics, the run's config."""
+plugin, a ModelCheckpoint subclass, loggers): numbered and last checkpoints, atomic writes, a line per epoch,
+TensorBoard's layout, the divergence stop, the full stage's fresh optimizer, EMA with recomputed BatchNorm statistics,
+the run's config."""
 
 import inspect
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.utilities.logger import _flatten_dict
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.cli import SaveConfigCallback
@@ -18,6 +20,7 @@ from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.tensorboard.summary import hparams
 
 from mnist_lit.errors import UserError
 from mnist_lit.module import format_eval
@@ -115,6 +118,60 @@ class EpochLines(Logger):
         log.info("%s%.4f %s", line, metrics["train/loss"], eval_summary(self.latest, split)[0])
 
 
+SPLITS = ("train", "val", "test")
+# The Custom Scalars page: every split and stage of a metric on one chart (a run's stages share one step axis).
+LAYOUT = {
+    "curves": {
+        "accuracy": ["Multiline", [r"^acc/(train|val|test)$"]],
+        "loss": ["Multiline", [r"^loss/(train|val|test)$"]],
+        "learning rate": ["Multiline", [r"^lr$"]],
+    }
+}
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """A logged metric's TensorBoard tag, metric first: ``val/acc`` -> ``acc/val``, ``val/acc_best`` ->
+    ``acc/val_best``. TensorBoard groups tags by their first part, alphabetically, and opens the first groups: so
+    its pages open on accuracy and loss. None for what is no curve: Lightning's ``epoch`` counter and the
+    constant image counts (``val/count``, in results.json and the epoch lines)."""
+    split, _, name = key.partition("/")
+    if key == "epoch" or name == "count":
+        return None
+    if split not in SPLITS or not name:
+        return key
+    metric, _, suffix = name.partition("_")
+    return f"{metric}/{split}" + (f"_{suffix}" if suffix else "")
+
+
+class TensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, laid out for this project: tags from ``tensorboard_tag``, the Custom Scalars
+    page of ``LAYOUT``, and HPARAMS rows without one-point ``hp/`` charts: TensorBoard takes each row's metrics
+    from the run's own curves (their last values), its columns from all runs, those that differ first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, default_hp_metric=False, **kwargs)
+        self.layout_written = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.layout_written:
+            self.experiment.add_custom_scalars(LAYOUT)
+            self.layout_written = True
+        tags = ((tensorboard_tag(key), value) for key, value in metrics.items())
+        super().log_metrics({tag: value for tag, value in tags if tag}, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None, step: int | None = None) -> None:
+        super().log_hyperparams(params)  # keeps them (hparams.yaml); writes nothing without metrics
+        if metrics:
+            # Only the session's start and end: an experiment summary (hparams()'s first) would fix the columns
+            # to this run's, and TensorBoard reads one run's experiment only.
+            _, start, end = hparams(self._sanitize_params(_flatten_dict(params)), {})
+            writer = self.experiment._get_file_writer()
+            writer.add_summary(start, step)
+            writer.add_summary(end, step)
+
+
 class DivergenceStop(EarlyStopping):
     """Stop with one clear error when an epoch's mean training loss is not finite, before that epoch's checkpoints
     are written, so last.ckpt stays the last good epoch's. It is Lightning's EarlyStopping with check_finite on
@@ -172,6 +229,30 @@ def changed_trainer_settings(trainer_config: dict) -> dict:
     return changed
 
 
+# Where a run reads and writes, what it prints, and the project's fixed Trainer settings: not the experiment.
+NOT_SETTINGS = {
+    "ckpt", "save_dir", "save_freq", "quiet", "data.data_dir", "data.download", "data.eval_batch_size",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.logger", "trainer.num_sanity_val_steps",
+    "trainer.use_distributed_sampler",
+}  # fmt: skip
+
+
+def experiment_settings(config: dict) -> dict:
+    """The settings that describe a run's experiment, recipe first: the config without paths and switches, and
+    only the Trainer settings that differ from its defaults."""
+    config = {**config, "trainer": changed_trainer_settings(config.get("trainer", {}))}
+    order = ["recipe", "stage", "seed_everything", "model", "data", "trainer"]
+    settings = {}
+    for key in sorted(config, key=lambda k: order.index(k) if k in order else len(order)):
+        value = config[key]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{key}.{k}" not in NOT_SETTINGS}
+        if key not in NOT_SETTINGS:
+            settings[key] = value
+    return settings
+
+
 class RunConfig(SaveConfigCallback):
     """The run's resolved config, the way LightningCLI keeps it (``config.yaml``), also written into every
     checkpoint (so a resume or the full stage starts from the run's own settings) and, at the end, to the
@@ -193,11 +274,10 @@ class RunConfig(SaveConfigCallback):
         split = pl_module.eval_split
         if not trainer.is_global_zero or f"{split}/acc" not in trainer.callback_metrics:
             return
-        settings = yaml.safe_load(self.text)
-        settings["trainer"] = changed_trainer_settings(settings.get("trainer", {}))
-        final = {f"hp/{split}_acc": float(trainer.callback_metrics[f"{split}/acc"])}
+        settings = experiment_settings(yaml.safe_load(self.text))
+        final = {f"{split}/acc": float(trainer.callback_metrics[f"{split}/acc"])}
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TensorBoard):
                 logger.log_hyperparams(settings, final)
             else:
                 logger.log_hyperparams(settings)

@@ -27,7 +27,6 @@ from typing import Literal
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_lit import callbacks
@@ -186,7 +185,7 @@ class MNISTCLI(LightningCLI):
         if show and given.enable_progress_bar is not False:
             run_callbacks.append(callbacks.EpochProgressBar(refresh_rate=20))
         version = int(self.run_dir.name[8:]) if self.run_dir else None
-        tensorboard = TensorBoardLogger(config.save_dir, name=config.stage, version=version, default_hp_metric=False)
+        tensorboard = callbacks.TensorBoard(config.save_dir, name=config.stage, version=version)
         extra_loggers = [] if given.logger in (None, True) else given.logger
         loggers = False if given.logger is False else [tensorboard, callbacks.EpochLines(), *listed(extra_loggers)]
         self.save_config_kwargs = {"run_dir": self.run_dir}

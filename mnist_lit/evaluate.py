@@ -14,6 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, nothing global to close
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mnist_lit.callbacks import tensorboard_tag
 from mnist_lit.data import DATA_DIR, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, NUM_CLASSES, ensure_raw_files
@@ -108,7 +109,8 @@ def run_chain(run_dir: Path) -> list[Path]:
 
 
 def read_scalars(run_dirs: list[Path]) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} from the runs' TensorBoard events; a later run wins where steps overlap."""
+    """tag -> {step: value} from the runs' TensorBoard events; a later run wins where steps overlap. Tags of runs
+    written before the metric-first layout (``val/acc``) are read under today's names (``acc/val``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, dict[int, float]] = {}
@@ -116,7 +118,8 @@ def read_scalars(run_dirs: list[Path]) -> dict[str, dict[int, float]]:
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+            if tensorboard_tag(tag):
+                scalars.setdefault(tensorboard_tag(tag), {}).update({e.step: e.value for e in events.Scalars(tag)})
     return scalars
 
 
@@ -124,21 +127,21 @@ def curves_figure(run_dirs: list[Path]) -> Figure | None:
     """Loss, accuracy and learning rate per (1-based) epoch, all stages on one axis; None before the first
     epoch's end was logged."""
     scalars = read_scalars(run_dirs)
-    if "train/loss" not in scalars or "epoch" not in scalars:
+    if "loss/train" not in scalars:
         return None
-    # Each training epoch ends at the step where train/loss is logged, with Lightning's 0-based "epoch" beside
-    # it; the first epoch end at or after a step names that step's epoch (lr is logged at its epoch's start).
-    ends = sorted((step, scalars["epoch"][step]) for step in scalars["train/loss"] if step in scalars["epoch"])
-    end_steps = [step for step, _ in ends]
+    # Each training epoch ends at the step where loss/train is logged: the n-th such step of the run and the runs
+    # it started from ends epoch n, and the first epoch end at or after a step names that step's epoch (lr is
+    # logged at its epoch's start).
+    end_steps = sorted(scalars["loss/train"])
 
     def epoch_of(step: int) -> int:
-        return int(ends[min(bisect.bisect_left(end_steps, step), len(ends) - 1)][1]) + 1
+        return min(bisect.bisect_left(end_steps, step), len(end_steps) - 1) + 1
 
     fig = Figure(figsize=(15, 4))
     axes = fig.subplots(1, 3)
     panels = [("loss", axes[0], "linear"), ("acc", axes[1], "linear"), ("lr", axes[2], "log")]
     for name, ax, scale in panels:
-        tags = [tag for tag in ("train/" + name, "val/" + name, "test/" + name, name) if tag in scalars]
+        tags = [tag for tag in (f"{name}/train", f"{name}/val", f"{name}/test", name) if tag in scalars]
         for tag in tags:
             points = sorted({epoch_of(step): value for step, value in scalars[tag].items()}.items())
             ax.plot(*zip(*points), marker=".", label=tag)
@@ -148,7 +151,7 @@ def curves_figure(run_dirs: list[Path]) -> Figure | None:
         ax.grid(alpha=0.3)
         if tags:
             ax.legend(fontsize=8)
-    lowest_acc = min(v for split in ("train", "val", "test") for v in scalars.get(f"{split}/acc", {}).values())
+    lowest_acc = min(v for split in ("train", "val", "test") for v in scalars.get(f"acc/{split}", {}).values())
     axes[1].set_ylim(max(0.0, lowest_acc - 0.01), 1)
     fig.suptitle(" + ".join(f"{p.parent.name}/{p.name}" for p in run_dirs))
     fig.tight_layout()
@@ -203,13 +206,14 @@ def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str
 
         step = trained.ckpt.get("global_step", 0)
         with SummaryWriter(str(run)) as writer:  # adds an events file; earlier ones stay as they are
-            writer.add_scalar(f"eval_{split}/acc", metrics["accuracy"], step)
-            writer.add_scalar(f"eval_{split}/loss", metrics["loss"], step)
+            # beside the run's curves (acc/test ...); the rest in a group that sorts after them (tensorboard_tag)
+            writer.add_scalar(f"acc/eval_{split}", metrics["accuracy"], step)
+            writer.add_scalar(f"loss/eval_{split}", metrics["loss"], step)
             for name, row in metrics["per_class"].items():
-                writer.add_scalar(f"eval_{split}/acc_per_class/{name}", row["accuracy"], step)
+                writer.add_scalar(f"{split}_eval/acc_per_class/{name}", row["accuracy"], step)
             for name, fig in figures.items():
                 if name != "curves":
-                    writer.add_figure(f"eval_{split}/{name}", fig, step)
+                    writer.add_figure(f"{split}_eval/{name}", fig, step)
     print(format_table(metrics, title))
     print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir()))} to {out_dir}")
     return out_dir

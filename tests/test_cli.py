@@ -70,9 +70,10 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
     assert (run_dir / "code" / "mnist_lit" / "data.py").is_file()
     assert (run_dir / "code" / "scripts" / "train.py").is_file()
     assert (run_dir / "code" / "scripts" / "run_all.sh").is_file()
-    scalars = read_scalars([run_dir])  # TensorBoard: one point per epoch for each tag the README lists
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr"):
-        assert len(scalars[tag]) == 4, tag
+    # TensorBoard: metric-first tags (its pages open on acc and loss), one point per epoch; no epoch or count chart
+    assert event_scalar_tags(run_dir) == {"acc/train", "acc/val", "acc/val_best", "loss/train", "loss/val", "lr"}
+    scalars = read_scalars([run_dir])
+    assert all(len(points) == 4 for points in scalars.values())
     assert scalars["lr"][min(scalars["lr"])] == pytest.approx(0.05)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["split"] == "val" and results["count"] == 32 and results["epoch"] == 4
@@ -108,8 +109,8 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["split"], results["count"], results["epoch"]) == ("test", 120, 7)
     scalars = read_scalars([run_dir])
-    assert len(scalars["test/acc"]) == 3 and "val/acc" not in scalars  # one test evaluation per epoch
-    assert scalars["test/acc"][max(scalars["test/acc"])] == pytest.approx(results["acc"])
+    assert len(scalars["acc/test"]) == 3 and "acc/val" not in scalars  # one test evaluation per epoch
+    assert scalars["acc/test"][max(scalars["acc/test"])] == pytest.approx(results["acc"])
     # Lightning's own test loop (trainer.test, as a user would call it) on the final checkpoint: the same figure.
     final = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -437,36 +438,46 @@ def test_a_runs_config_yaml_trains_it_again_to_identical_weights(shared_data_dir
     assert a["config"] == (first / "config.yaml").read_text()  # the checkpoint carries it too
 
 
-def hparams_in_events(run_dir: Path) -> tuple[dict, set[str]]:
-    """The settings and metric names of TensorBoard's HPARAMS tab, as its plugin reads them from the events."""
+def event_scalar_tags(run_dir: Path) -> set[str]:
+    """The scalar tags of a run's TensorBoard events, as written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def hparams_in_events(run_dir: Path) -> dict:
+    """The settings of TensorBoard's HPARAMS tab, as its plugin reads them from the events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
     content = events.PluginTagToContent("hparams")
+    # No experiment summary: TensorBoard would take every run's columns and metrics from one run's.
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    settings = {}
-    for name, value in session.session_start_info.hparams.items():
-        settings[name] = value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
-    return settings, {m.name.tag for m in experiment.experiment.metric_infos}
+    hparams = session.session_start_info.hparams
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in hparams.items()}
 
 
 def test_runs_compare_by_their_settings_in_tensorboards_hparams_tab(initial_run):
+    """HPARAMS: the settings that describe the experiment, no paths or switches; its metric columns are the runs'
+    own curves (their last points: the final accuracy), so there is no one-point hp/ chart."""
     data_dir, save_dir, initial_dir = initial_run
-    settings, metrics = hparams_in_events(initial_dir)
-    assert metrics == {"hp/val_acc"}
+    settings = hparams_in_events(initial_dir)
     assert settings["model/lr"] == 0.05 and settings["data/batch_size"] == 64 and settings["recipe"] == "seed"
     assert settings["trainer/max_epochs"] == 4 and settings["stage"] == "initial"
+    assert not {"ckpt", "save_dir", "save_freq", "quiet", "data/data_dir", "data/download"} & settings.keys()
+    assert not [name for name in settings if "progress_bar" in name or "hp/" in name]
+    assert not [tag for tag in event_scalar_tags(initial_dir) if tag.startswith("hp")]
+    scalars = read_scalars([initial_dir])
     final = json.loads((initial_dir / "results.json").read_text())["acc"]
-    assert read_scalars([initial_dir])["hp/val_acc"] == {0: pytest.approx(final)}
+    assert scalars["acc/val"][max(scalars["acc/val"])] == pytest.approx(final)
     full_dir = save_dir / "full" / "version_0"  # made by test_full_stage_continues_from_the_initial_checkpoint
-    settings, metrics = hparams_in_events(full_dir)
-    assert metrics == {"hp/test_acc"} and settings["model/lr"] == 0.0001 and settings["stage"] == "full"
-    assert read_scalars([full_dir])["hp/test_acc"] == {
-        0: pytest.approx(json.loads((full_dir / "results.json").read_text())["acc"])
-    }
+    settings = hparams_in_events(full_dir)
+    assert settings["model/lr"] == 0.0001 and settings["stage"] == "full" and "ckpt" not in settings
 
 
 def test_gradient_clipping_and_accumulation_from_the_command_line(shared_data_dir, tmp_path):
@@ -510,7 +521,7 @@ def test_trainer_options_callbacks_and_loggers_from_the_command_line(shared_data
     assert config["trainer"]["callbacks"][0]["class_path"] == "pytorch_lightning.callbacks.EarlyStopping"
     assert json.loads((run_dir / "results.json").read_text())["epoch"] == 1  # stopped by the extra callback
     assert "val/acc" in (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()  # the second logger wrote
-    assert len(read_scalars([run_dir])["val/acc"]) == 1  # and TensorBoard still has the run's curves
+    assert len(read_scalars([run_dir])["acc/val"]) == 1  # and TensorBoard still has the run's curves
 
 
 def test_a_run_leaves_the_loggers_as_it_found_them(shared_data_dir, tmp_path):
