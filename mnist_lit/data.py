@@ -16,12 +16,26 @@ from mnist_lit.idx import MEAN, STD, dataset_spec, ensure_raw_files, load_split,
 DATA_DIR = "data"  # where the dataset's folder is (or is downloaded to) unless --data-dir says otherwise
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of range(n) into (train, val) index tensors, each in ascending order."""
+def split_indices(
+    n: int, val_fraction: float, seed: int, folds: int | None = None, fold: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of range(n) into (train, val) index tensors, each in ascending order.
+
+    Validation is the first ``val_fraction`` of a seeded permutation; with ``folds`` K, it is part ``fold`` of
+    that permutation cut into K disjoint parts that cover range(n) (K = 10, fold 0 is the default 10 % split).
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if folds is not None:
+        if not 2 <= folds <= n or not 0 <= fold < folds:
+            raise UserError(
+                f"data.fold must be in 0..{folds - 1} and data.folds in 2..{n} (got fold {fold} of {folds})"
+            )
+        parts = list(order.tensor_split(folds))
+        val = parts.pop(fold)
+        return torch.cat(parts).sort().values, val.sort().values
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
         raise UserError(f"val fraction {val_fraction} of {n} images leaves an empty train or validation set")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
@@ -106,7 +120,8 @@ class InMemoryLoader:
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST (or ``dataset``: fashion_mnist, kmnist) for the two stages.
 
-    stage "initial": a seeded split of the 60k training images into train (1 - val_fraction) and validation.
+    stage "initial": a seeded split of the 60k training images into train (1 - val_fraction) and validation, or
+    with ``folds``, fold ``fold`` of a seeded k-fold partition as validation.
     stage "full": all 60k images for training; the 10k test images are the per-epoch evaluation set.
     The test set is always the 10k official test images. Normalisation uses the mean and std of all 60k
     training images, computed in ``setup`` (``self.mean``, ``self.std``).
@@ -122,6 +137,8 @@ class MNISTDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 250,
         download: bool = True,
+        folds: int | None = None,
+        fold: int = 0,
     ):
         """
         Args:
@@ -134,6 +151,9 @@ class MNISTDataModule(pl.LightningDataModule):
             eval_batch_size: batch of the validation and test passes. The figures do not depend on it; the
                 original's 1000 adds ~90 MiB to the peak memory of a CPU run (LeNet's convolution buffers).
             download: download missing files with torchvision.
+            folds: k-fold cross-validation of the initial stage: the 60k training images cut into this many
+                seeded, disjoint parts; validation is part ``fold``, training the rest (``val_fraction`` unused).
+            fold: which part validates, 0..folds-1.
         """
         super().__init__()
         dataset_spec(dataset)  # fail early on an unknown name
@@ -175,7 +195,8 @@ class MNISTDataModule(pl.LightningDataModule):
         train_images, train_labels = load_split(raw, "train", self.hparams.dataset)
         self.mean, self.std = pixel_stats(train_images)
         if self.hparams.stage == "initial":
-            train_idx, val_idx = split_indices(len(train_labels), self.hparams.val_fraction, self.hparams.seed)
+            hp = self.hparams
+            train_idx, val_idx = split_indices(len(train_labels), hp.val_fraction, hp.seed, hp.folds, hp.fold)
             self.train_set = (train_images[train_idx], train_labels[train_idx])
             self.val_set = (train_images[val_idx], train_labels[val_idx])
         else:

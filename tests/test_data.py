@@ -1,11 +1,13 @@
 """mnist_lit.data: IDX parsing and its checks, preparing the files, splits, loaders, normalisation."""
 
 import gzip
+import json
 
 import pytest
 import torch
 from conftest import REAL_DATA, digits, idx_bytes, write_mnist
 
+from mnist_lit.cli import main
 from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import UserError
 from mnist_lit.idx import DATASETS, MEAN, STD, ensure_raw_files, load_split, raw_dir, read_idx
@@ -110,6 +112,40 @@ def test_split_sizes_disjoint_and_seeded():
         split_indices(10, 0.01, seed=0)
 
 
+def test_default_split_is_the_seed_protocols():
+    """The validation images of seed 0 that every figure of the seed protocol was measured on."""
+    val = split_indices(60000, 0.1, seed=0)[1]
+    assert val[:5].tolist() == [1, 3, 47, 49, 80] and int(val.sum()) == 179547942
+
+
+@pytest.mark.parametrize("folds", [2, 5, 10])
+def test_k_folds_are_disjoint_and_cover_the_training_images(folds):
+    parts = []
+    for fold in range(folds):
+        train, val = split_indices(60000, 0.1, seed=0, folds=folds, fold=fold)
+        assert len(train) + len(val) == 60000 and not set(train.tolist()) & set(val.tolist())
+        parts.append(set(val.tolist()))
+    assert len(set().union(*parts)) == sum(map(len, parts)) == 60000
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_fold_0_of_10_is_the_default_split():
+    default, fold0 = split_indices(60000, 0.1, seed=0), split_indices(60000, 0.1, seed=0, folds=10, fold=0)
+    assert all(torch.equal(a, b) for a, b in zip(default, fold0))
+
+
+@pytest.mark.parametrize("folds, fold", [(5, 5), (5, -1), (1, 0)])
+def test_bad_fold_settings(folds, fold):
+    with pytest.raises(UserError, match="data.fold must be in"):
+        split_indices(100, 0.1, seed=0, folds=folds, fold=fold)
+
+
+def test_datamodule_validates_on_its_fold(shared_data_dir):
+    data = MNISTDataModule(str(shared_data_dir), folds=4, fold=3)
+    data.setup()
+    assert (len(data.val_set[1]), len(data.train_set[1])) == (80, 240)  # 320 images in 4 parts
+
+
 def test_datamodule_stages(shared_data_dir):
     initial = MNISTDataModule(str(shared_data_dir), stage="initial", val_fraction=0.25, batch_size=64)
     initial.prepare_data()
@@ -176,3 +212,13 @@ def test_normalisation_constants_match_real_training_images():
     assert len(labels) == 60000
     mean, std = pixel_stats(images)
     assert mean == pytest.approx(MEAN, abs=1e-12) and std == pytest.approx(STD, abs=1e-12)
+
+
+def test_a_fold_from_the_command_line(shared_data_dir, tmp_path, capsys):
+    common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--epochs", "1", "--quiet"]
+    assert main([*common, "--data.folds", "4", "--data.fold", "5"]) == 2
+    assert (
+        capsys.readouterr().err.startswith("error: data.fold must be in 0..3") and not (tmp_path / "initial").exists()
+    )
+    assert main([*common, "--data.folds", "4", "--data.fold", "1"]) == 0
+    assert json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())["count"] == 80
