@@ -7,8 +7,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
+from mnist_lit.cli import main
 from mnist_lit.idx import FILES, raw_dir
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -104,3 +106,65 @@ def trained_ckpt(shared_data_dir, tmp_path_factory) -> Path:
     argv = ["--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "3", "--lr", "0.05", "--quiet"]
     assert main([str(a) for a in argv]) == 0
     return save_dir / "initial" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+# scripts/train.py in-process, and what its runs leave: shared by the test_cli_* files.
+ROOT = Path(__file__).resolve().parents[1]
+# 320 training images -> 288 train / 32 val with the default 10 %; batch 64 -> 5 steps per epoch.
+INITIAL = ["--epochs", "4", "--save-freq", "2", "--lr", "0.05", "--milestones", "2", "3", "--quiet"]
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def net_weights(ckpt_path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt_path, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def epoch_lines(run_dir: Path) -> list[str]:
+    return [line for line in (run_dir / "log.txt").read_text().splitlines() if line.startswith("epoch ")]
+
+
+@pytest.fixture(scope="session")
+def initial_run(shared_data_dir, tmp_path_factory):
+    """One 4-epoch initial run; returns (data_dir, save_dir, run_dir)."""
+    save_dir = tmp_path_factory.mktemp("runs") / "logs"
+    assert run("--data-dir", shared_data_dir, "--save-dir", save_dir, *INITIAL) == 0
+    return shared_data_dir, save_dir, save_dir / "initial" / "version_0"
+
+
+def resolved_config(capsys, *argv) -> dict:
+    """What --print_config prints: the settings a run with these options would have."""
+    capsys.readouterr()
+    assert run(*argv, "--print_config") == 0
+    return yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])  # after the "--ckpt x -> path" line
+
+
+def event_scalar_tags(run_dir: Path) -> set[str]:
+    """The scalar tags of a run's TensorBoard events, as written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def hparams_in_events(run_dir: Path) -> dict:
+    """The settings of TensorBoard's HPARAMS tab, as its plugin reads them from the events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    # No experiment summary: TensorBoard would take every run's columns and metrics from one run's.
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in hparams.items()}
