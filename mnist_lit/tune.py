@@ -25,7 +25,7 @@ import optuna
 import yaml
 from pytorch_lightning.callbacks import Callback
 
-from mnist_lit import launch, sweep
+from mnist_lit import launch, sweep, table
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.flags import CONFIGS
 
@@ -144,7 +144,7 @@ def tune(args, space: dict[str, dict]) -> int:
     name = args.study or launch.study_name("tune", args.base, args.epochs, space, args.prune_below)
     study = optuna.create_study(
         study_name=name,
-        storage=launch.open_storage(args.storage, launch.HEARTBEAT_S),
+        storage=launch.study_storage(args, launch.HEARTBEAT_S),
         sampler=optuna.samplers.TPESampler(seed=args.seed),
         pruner=make_pruner(args.prune_below),
         direction="maximize",
@@ -168,6 +168,7 @@ def tune(args, space: dict[str, dict]) -> int:
         results = launch.results_of(Path(attrs["run_dir"])) if "run_dir" in attrs else None
         if results is None or results["acc"] is None:
             raise launch.RunFailed(f"trial {trial.number}: its run left no validation accuracy")
+        table.record_run(trial, Path(attrs["run_dir"]))
         if "pruned_at_epoch" in attrs:
             raise optuna.TrialPruned(f"val acc {100 * results['acc']:.2f} % at epoch {attrs['pruned_at_epoch']}")
         return results["acc"]
