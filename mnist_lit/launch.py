@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -130,7 +132,7 @@ def open_storage(url: str, heartbeat: int | None = None, create: bool = True):
             path = sqlalchemy.engine.make_url(url).database
             if not path or not Path(path).is_file():  # sqlite would make an empty file
                 raise UserError(f"{problem}: no such file")
-        storage = optuna.storages.RDBStorage(url, **kwargs)
+        storage = rdb_storage(url, kwargs)
         if not create and not sqlalchemy.inspect(storage.engine).has_table("studies"):
             raise UserError(f"{shown(url)} holds no Optuna studies")
     except (ImportError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
@@ -142,6 +144,21 @@ def open_storage(url: str, heartbeat: int | None = None, create: bool = True):
     if sqlite:
         begin_immediate(storage.engine)
     return storage
+
+
+def rdb_storage(url: str, kwargs: dict):
+    """Optuna's RDBStorage, tried again while other workers starting at the same moment make a new database's
+    tables (each finds them missing, one's insert wins)."""
+    import optuna
+    import sqlalchemy
+
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except sqlalchemy.exc.DBAPIError as err:
+            if attempt == 9 or not re.search("unique|already exists", str(err), re.IGNORECASE):
+                raise
+            time.sleep(0.1 + random.random())
 
 
 def begin_immediate(engine) -> None:

@@ -67,7 +67,8 @@ def four_workers(new_database, shared_data_dir, tmp_path_factory):
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True))  # fmt: skip
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     codes = [worker.returncode for worker in workers]
-    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0], "\n".join(out[-2000:] for out in outputs)
+    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0], "\n".join(out[-3000:] for out, code in zip(outputs, codes)
+                                                                   if code != 0)  # fmt: skip
     order = sorted(range(4), key=lambda i: codes[i] != -signal.SIGKILL)
     return url, [save_dirs[i] for i in order], [outputs[i] for i in order]
 
@@ -77,14 +78,16 @@ def test_four_workers_run_each_grid_point_once(four_workers):
     finished = [run for save_dir in save_dirs for run in finished_runs(save_dir)]
     points = [point_of(shlex.split((run / "command.txt").read_text())) for run in finished]
     assert sorted(points) == POINTS  # each point finished once, in one of the workers' folders
-    started = [point_of(shlex.split(line)) for out in outputs for line in out.splitlines() if line[:9] == "+ train.py"]
+    started = [
+        point_of(shlex.split(line)) for out in outputs for line in out.splitlines() if line.startswith("+ train.py ")
+    ]
     assert len(started) == len(POINTS) + 1  # the killed run and no other run twice
     assert all(json.loads((run / "results.json").read_text())["epoch"] == 1 for run in finished)
 
 
 def test_a_killed_workers_trial_is_run_again_once_by_another(four_workers):
     url, save_dirs, outputs = four_workers
-    (killed_line,) = [line for line in outputs[0].splitlines() if line[:9] == "+ train.py"]
+    (killed_line,) = [line for line in outputs[0].splitlines() if line.startswith("+ train.py ")]
     killed = point_of(shlex.split(killed_line))
     assert not finished_runs(save_dirs[0])  # it died before its run finished
     again = [out for out in outputs[1:] if f"--seed_everything {killed[0]} --model.lr {killed[1]}" in out]
