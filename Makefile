@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test test-fast lint tensorboard clean
 
-# torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg.
+# torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg (the extras
+# too: the tests run studies on PostgreSQL and the dashboard).
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres,dashboard]'
 	touch $@
 
 install: $(BIN)/.installed
