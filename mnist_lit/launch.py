@@ -1,5 +1,6 @@
 """What sweep.py and tune.py share: their common options, the Optuna storage (with heartbeats and retries of the
-trials of dead workers), and running one train.py in a process of its own."""
+trials of dead workers; a database that cannot be opened is one error line), and running one train.py in a process
+of its own."""
 
 import argparse
 import hashlib

@@ -32,6 +32,7 @@ from mnist_lit.launch import (
     results_of,
     retry_callback,
     run_train,
+    shown,
     study_name,
     study_storage,
 )
@@ -126,6 +127,7 @@ def sweep(args, space: dict[str, list]) -> int:
         direction="maximize",
         load_if_exists=True,
     )
+    print(f"study {name} in {shown(args.storage)}: {len(points)} grid points", flush=True)
     running_here: list[dict] = []  # the points of this process's running trials (--jobs: threads)
 
     def objective(trial: optuna.Trial) -> float:

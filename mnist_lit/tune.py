@@ -7,8 +7,10 @@ SAVE_DIR/best.yaml, the base config with the best trial's settings, for ``train.
 
 Several workers on one study: --jobs N runs N trials at a time from this process (each in its train.py process);
 the same command on other machines with a database that all reach (``--storage postgresql://...``, or a sqlite
-file on a shared disk) and the same ``--study NAME`` adds workers there. Give each worker its own --seed, or their
-first trials repeat each other. --trials N counts the study's trials (complete, pruned, running), whoever runs them.
+file on a shared disk) and the same ``--study NAME`` adds workers there, each with a --save-dir of its own (each
+trial keeps its run's settings, results, folder and host in the database: ``scripts/runs.py --storage``). Give
+each worker its own --seed, or their first trials repeat each other. --trials N counts the study's trials
+(complete, pruned, running), whoever runs them.
 
 Space file (YAML), one entry per setting, by train.py's full name::
 

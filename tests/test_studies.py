@@ -113,6 +113,24 @@ def test_runs_py_reads_from_the_database_what_the_folders_hold(four_workers):
     assert header.split()[:3] == ["save", "dir", "stage"] and len(rows) == len(POINTS)
 
 
+def test_runs_py_from_a_study_shows_each_run_once_and_tells_hosts_apart(new_database):
+    url = new_database()
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    for host, seed, correct in (("a", 0, 90), ("a", 0, 90), ("b", 1, 80)):  # the second: a trial that reused a run
+        trial = study.ask()
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("run_dir", "/runs/initial/version_0")
+        trial.set_user_attr("settings", {"seed_everything": str(seed), "stage": "initial", "recipe": "seed"})
+        trial.set_user_attr("results", {"epoch": 1, "split": "val", "correct": correct, "count": 100,
+                                        "acc": correct / 100, "wall_s": 1.5})  # fmt: skip
+        study.tell(trial, correct / 100)
+    assert table.report(["--storage", url, "--format", "csv"]).splitlines() == [
+        "save dir,stage,version,recipe,seed_everything,epoch,split,correct/count,acc %,wall s,status",
+        "a:/runs,initial,0,seed,0,1,val,90/100,90.00,1.5,finished",
+        "b:/runs,initial,0,seed,1,1,val,80/100,80.00,1.5,finished",
+    ]
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on."""
     with socket.socket() as sock:
