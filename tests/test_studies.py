@@ -22,7 +22,7 @@ from mnist_lit import sweep, table, tune
 
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE.parent / "scripts" / "sweep.py"
-GRID = ["--seeds", "0-2", "--set", "model.lr=0.02,0.05", "--epochs", "1", "--quiet", "--heartbeat", "1"]
+GRID = ["--seeds", "0-2", "--set", "model.lr=0.02,0.05", "--epochs", "1", "--quiet", "--heartbeat", "2"]
 POINTS = [(seed, lr) for seed in ("0", "1", "2") for lr in ("0.02", "0.05")]
 # A sitecustomize module (imported by every Python process at start-up): the first train.py run of all the workers
 # SIGKILLs its process group, its worker and itself, in the validation of its epoch 1, before it has a result.
