@@ -155,17 +155,27 @@ def sweep(args, space: dict[str, list]) -> int:
     catch = (RunFailed,)
     if not all(settled(point) for point in points):
         study.optimize(objective, n_jobs=args.jobs, catch=catch, callbacks=[stop_when_all_started])
-    while waiting():  # retries of dead workers' trials queued meanwhile (a point done by now is done from disk)
+    while waiting():  # retries of dead workers' trials queued meanwhile (a point done by now: from the study or disk)
         study.optimize(objective, n_trials=waiting(), n_jobs=args.jobs, catch=catch)
     keys = [key for key in space if key != "seed_everything"]  # the seeds are the repetitions
     try:  # from the study: every worker's runs, wherever they ran
         print(report(["--storage", args.storage, "--study", name, "--group-by", *(keys or ["recipe"])]))
     except UserError as err:  # e.g. no run finished, so no run has the swept keys
         print(f"no table: {err}", file=sys.stderr)
-    failed = [" ".join(f"{k}={v}" for k, v in point.items()) for point in points if not settled(point)]
+    left = [point for point in points if not settled(point)]
+    running = [point for point in left if settled(point, (optuna.trial.TrialState.RUNNING,  # another worker's
+                                                          optuna.trial.TrialState.WAITING))]  # fmt: skip
+    failed = [point for point in left if point not in running]
+
+    def named(some: list[dict]) -> str:
+        return "; ".join(" ".join(f"{k}={v}" for k, v in point.items()) for point in some)
+
+    if running:
+        print(f"{len(running)} of {len(points)} grid points still running in other workers (give the same command "
+              f"again if they died): {named(running)}", file=sys.stderr)  # fmt: skip
     if failed:
         print(f"{len(failed)} of {len(points)} grid points failed (give the same command again to retry them): "
-              + "; ".join(failed), file=sys.stderr)  # fmt: skip
+              f"{named(failed)}", file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
 
 
