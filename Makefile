@@ -5,17 +5,18 @@ VENV ?= .venv
 DATA_DIR ?= data
 SAVE_DIR ?= lightning_logs
 BIN := $(VENV)/bin
-# Debian packages the tests use: chromium for tests/test_tensorboard.py's browser. Without them (and not root to
-# install them) those tests are skipped.
-SYSTEM_PACKAGES := chromium
+# Debian packages the tests use: chromium for tests/test_tensorboard.py's browser, postgresql for the studies'
+# throw-away database server. Without them (and not root to install them) those tests are skipped.
+SYSTEM_PACKAGES := chromium postgresql
 
 .PHONY: install system-deps run test test-fast lint tensorboard clean
 
-# torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg.
+# torch/torchvision pinned to the builds this project is tested with; the rest comes from setup.cfg (the extras
+# too: the tests run studies on PostgreSQL and the dashboard).
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres,dashboard]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -23,7 +24,7 @@ install: $(BIN)/.installed
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ] || ! command -v apt-get >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else echo "not installed: $$missing (sudo make system-deps); the tests that need them are skipped"; fi
 
 run: install

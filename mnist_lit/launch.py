@@ -1,14 +1,18 @@
 """What sweep.py and tune.py share: their common options, the Optuna storage (with heartbeats and retries of the
-trials of dead workers), and running one train.py in a process of its own."""
+trials of dead workers; a database that cannot be opened is one error line), and running one train.py in a process
+of its own."""
 
 import argparse
 import hashlib
 import json
 import logging
 import os
+import random
+import re
 import shlex
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -56,11 +60,21 @@ def check_run_options(args, script: str) -> None:
     args.base = [arg for pair in args.base for arg in pair]  # ["--recipe", NAME, "--config", FILE, ...]
     args.settings = [*args.base, *(["--epochs", str(args.epochs)] if args.epochs else [])]  # every run's
     args.save_dir = Path(args.save_dir).resolve()
-    args.save_dir.mkdir(parents=True, exist_ok=True)
-    args.storage = args.storage or f"sqlite:///{args.save_dir / script}.db"
+    args.script = script
     args.where = ["--save-dir", str(args.save_dir)]  # where runs go and what they print: not a run's identity
     args.where += ["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []
     args.where += ["--quiet"] if args.quiet else []
+
+
+def study_storage(args, heartbeat: int | None):
+    """The study's storage (--storage, else sqlite SAVE_DIR/<script>.db), then SAVE_DIR: a database that cannot
+    be opened leaves nothing behind."""
+    if not args.storage:
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+        args.storage = f"sqlite:///{args.save_dir / args.script}.db"
+    storage = open_storage(args.storage, heartbeat)
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    return storage
 
 
 def study_name(prefix: str, *what) -> str:
@@ -84,9 +98,22 @@ def no_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def open_storage(url: str, heartbeat: int | None = None):
-    """Optuna's RDBStorage; with heartbeat (seconds), the trials of dead workers are failed and retried."""
+def shown(url: str) -> str:
+    """A database URL as it may be printed: without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: hide whatever stands between user: and @
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def open_storage(url: str, heartbeat: int | None = None, create: bool = True):
+    """Optuna's RDBStorage; with heartbeat (seconds), the trials of dead workers are failed and retried. Without
+    create, an existing database is only read (no tables made). A database that cannot be opened (server down,
+    wrong password, no driver, bad URL) is a UserError of one line."""
     import optuna
+    import sqlalchemy
 
     for handler in logging.getLogger("optuna").handlers:  # optuna's own console handler
         handler.addFilter(no_traceback)
@@ -98,10 +125,41 @@ def open_storage(url: str, heartbeat: int | None = None):
         renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # optuna >= 4.9
         name = "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback"
         kwargs.update(heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{name: retry_callback()})
-    storage = optuna.storages.RDBStorage(url, **kwargs)
+    if not create:
+        kwargs.update(skip_table_creation=True, skip_compatibility_check=True)
+    problem = f"cannot open the database {shown(url)}"
+    try:
+        if sqlite and not create:
+            path = sqlalchemy.engine.make_url(url).database
+            if not path or not Path(path).is_file():  # sqlite would make an empty file
+                raise UserError(f"{problem}: no such file")
+        storage = rdb_storage(url, kwargs)
+        if not create and not sqlalchemy.inspect(storage.engine).has_table("studies"):
+            raise UserError(f"{shown(url)} holds no Optuna studies")
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        cause = getattr(err, "orig", None) or err.__cause__ or err  # the driver's own message
+        why = " ".join(str(cause).split("\n")[0].split()) or type(cause).__name__
+        if isinstance(err, ImportError):
+            why = f"no database driver for it ({why}; PostgreSQL: pip install -e '.[postgres]')"
+        raise UserError(f"{problem}: {why}") from None
     if sqlite:
         begin_immediate(storage.engine)
     return storage
+
+
+def rdb_storage(url: str, kwargs: dict):
+    """Optuna's RDBStorage, tried again while other workers starting at the same moment make a new database's
+    tables (each finds them missing, one's insert wins)."""
+    import optuna
+    import sqlalchemy
+
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except sqlalchemy.exc.DBAPIError as err:
+            if attempt == 9 or not re.search("unique|already exists", str(err), re.IGNORECASE):
+                raise
+            time.sleep(0.1 + random.random())
 
 
 def begin_immediate(engine) -> None:

@@ -3,12 +3,14 @@ train.py process of its own, all into one --save-dir; at the end the runs table 
 
 The grid is an Optuna study (GridSampler) kept in a database, by default the sqlite file SAVE_DIR/sweep.db.
 ``--jobs N`` runs N grid points at a time here; the same command on other machines with a database URL that all
-reach (``--storage postgresql://...``) and the same --save-dir on a shared file system adds workers there. Each
-worker's trials send heartbeats: the trial of a worker that died is failed after the grace period (3 heartbeats)
-and queued again (RetryHeartbeatStaleTrialCallback). Re-running the same command completes a sweep: a grid point
-whose run finished (results.json) is not run again, an interrupted run resumes exactly from its last.ckpt
-(``--ckpt``), a run that never saved a checkpoint starts again. Kill a sweep by its process group (Ctrl-C does):
-a train.py process whose sweep died goes on alone.
+reach (``--storage postgresql://...``) adds workers there, each with a --save-dir of its own. The database is the
+shared record: a point's trial keeps its runs' settings, results, folders and host (``scripts/runs.py --storage``
+reads them), and a point one worker finished is not run by another. Each worker's trials send heartbeats: the
+trial of a worker that died is failed after the grace period (3 heartbeats) and queued again
+(RetryHeartbeatStaleTrialCallback). Re-running the same command completes a sweep: a grid point whose run
+finished (results.json, or a complete trial) is not run again, an interrupted run in this --save-dir resumes
+exactly from its last.ckpt (``--ckpt``), a run that never saved a checkpoint starts again. Kill a sweep by its
+process group (Ctrl-C does): a train.py process whose sweep died goes on alone.
 """
 
 import itertools
@@ -27,14 +29,15 @@ from mnist_lit.launch import (
     RunFailed,
     add_run_options,
     check_run_options,
-    open_storage,
     results_of,
     retry_callback,
     run_train,
+    shown,
     study_name,
+    study_storage,
 )
 from mnist_lit.runs import run_dirs
-from mnist_lit.table import report
+from mnist_lit.table import record_run, report
 
 KEY = re.compile(r"(model|data|trainer)\.\w+(\.\w+)*")  # a train.py setting by its full name
 
@@ -73,8 +76,8 @@ def command_line(run: Path) -> list[str]:
 # command starts with its settings followed by --save-dir, and a resume or a full stage names the checkpoint it goes
 # on from (--ckpt), whose run folder chains it to the point. This needs no record written between the child making
 # its folder and a crash; it serves any trial of the point (Optuna's retry of a failed trial, or GridSampler giving
-# a dead worker's point again within the grace period), also with a new database; and since every run goes to the
-# one --save-dir, scripts/runs.py SAVE_DIR shows them all. The trials' user attrs only record the folders.
+# a dead worker's point again within the grace period), also with a new database. A point finished in another
+# worker's --save-dir (another machine) is found in the study instead: its complete trial (earlier_result).
 def point_runs(save_dir: Path, stage: str, starts: Callable[[list[str]], bool], chain=()) -> list[Path]:
     """A grid point's runs of a stage, newest first: those whose command `starts` the point and those that go on
     from a checkpoint of one of them (or of a run in `chain`)."""
@@ -116,13 +119,15 @@ def sweep(args, space: dict[str, list]) -> int:
     done_states = (optuna.trial.TrialState.COMPLETE,)
     points = [dict(zip(space, values)) for values in itertools.product(*space.values())]
     base = args.settings
+    name = args.study or study_name("sweep", base, space, args.then_full, args.full_epochs)
     study = optuna.create_study(
-        study_name=args.study or study_name("sweep", base, space, args.then_full, args.full_epochs),
-        storage=open_storage(args.storage, args.heartbeat),
+        study_name=name,
+        storage=study_storage(args, args.heartbeat),
         sampler=optuna.samplers.GridSampler(space, seed=0),  # trial k < len(grid): point k of its seeded order
         direction="maximize",
         load_if_exists=True,
     )
+    print(f"study {name} in {shown(args.storage)}: {len(points)} grid points", flush=True)
     running_here: list[dict] = []  # the points of this process's running trials (--jobs: threads)
 
     def objective(trial: optuna.Trial) -> float:
@@ -150,23 +155,37 @@ def sweep(args, space: dict[str, list]) -> int:
     catch = (RunFailed,)
     if not all(settled(point) for point in points):
         study.optimize(objective, n_jobs=args.jobs, catch=catch, callbacks=[stop_when_all_started])
-    while waiting():  # retries of dead workers' trials queued meanwhile (a point done by now is done from disk)
+    while waiting():  # retries of dead workers' trials queued meanwhile (a point done by now: from the study or disk)
         study.optimize(objective, n_trials=waiting(), n_jobs=args.jobs, catch=catch)
     keys = [key for key in space if key != "seed_everything"]  # the seeds are the repetitions
-    try:
-        print(report([str(args.save_dir), "--group-by", *(keys or ["recipe"])]))
+    try:  # from the study: every worker's runs, wherever they ran
+        print(report(["--storage", args.storage, "--study", name, "--group-by", *(keys or ["recipe"])]))
     except UserError as err:  # e.g. no run finished, so no run has the swept keys
         print(f"no table: {err}", file=sys.stderr)
-    failed = [" ".join(f"{k}={v}" for k, v in point.items()) for point in points if not settled(point)]
+    left = [point for point in points if not settled(point)]
+    running = [point for point in left if settled(point, (optuna.trial.TrialState.RUNNING,  # another worker's
+                                                          optuna.trial.TrialState.WAITING))]  # fmt: skip
+    failed = [point for point in left if point not in running]
+
+    def named(some: list[dict]) -> str:
+        return "; ".join(" ".join(f"{k}={v}" for k, v in point.items()) for point in some)
+
+    if running:
+        print(f"{len(running)} of {len(points)} grid points still running in other workers (give the same command "
+              f"again if they died): {named(running)}", file=sys.stderr)  # fmt: skip
     if failed:
         print(f"{len(failed)} of {len(points)} grid points failed (give the same command again to retry them): "
-              + "; ".join(failed), file=sys.stderr)  # fmt: skip
+              f"{named(failed)}", file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
 
 
 def run_point(args, trial, point: dict, settings: list[str]) -> float:
-    """A trial: the grid point's initial run (and full stage), each found on disk, resumed or started."""
+    """A trial: the grid point's result from an earlier trial of the study, else its initial run (and full stage),
+    each found on disk, resumed or started."""
     wait_for_earlier(trial, point, args.heartbeat)
+    done = earlier_result(trial, point)
+    if done is not None:
+        return done
     ident = [*settings, "--save-dir"]
 
     def initial_runs() -> list[Path]:
@@ -174,7 +193,7 @@ def run_point(args, trial, point: dict, settings: list[str]) -> float:
 
     initial = stage_run(initial_runs, lambda ckpt: [*settings, *args.where, *(["--ckpt", str(ckpt)] if ckpt else [])],
                         args.jobs)  # fmt: skip
-    trial.set_user_attr("run_dir", str(initial))
+    record_run(trial, initial)
     results = results_of(initial)
     if results["acc"] is None:
         raise RunFailed(f"{initial} has no accuracy (no evaluation)")
@@ -185,7 +204,7 @@ def run_point(args, trial, point: dict, settings: list[str]) -> float:
         full = stage_run(lambda: point_runs(args.save_dir, "full", lambda a: False, chain=initial_runs()),
                          lambda ckpt: ["--stage", "full", *epochs, *args.where, "--ckpt", str(ckpt or first)],
                          args.jobs)  # fmt: skip
-        trial.set_user_attr("full_run_dir", str(full))
+        record_run(trial, full)
         trial.set_user_attr("test_acc", results_of(full)["acc"])  # recorded, never used to choose anything
         line += f", full stage test {100 * results_of(full)['acc']:.2f} % ({full})"
     print(f"{line} ({initial})", flush=True)
@@ -195,16 +214,31 @@ def run_point(args, trial, point: dict, settings: list[str]) -> float:
 def wait_for_earlier(trial, point: dict, heartbeat: int) -> None:
     """Wait while an earlier trial runs the same point (GridSampler gives a started point again once all have
     started: a live worker's, or a dead one's within the grace period) until it ends or Optuna fails it as stale:
-    a point never runs twice at once. Only earlier trials: two trials never wait for each other."""
+    a point never runs twice at once. Only earlier trials: two trials never wait for each other. An earlier trial
+    still choosing its settings (created a moment ago, by any worker) may be choosing this point: a short wait."""
     import optuna
 
-    def earlier() -> list:
+    while True:
         trials = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        return [t for t in trials if t.number < trial.number and t.params == point]
-
-    while earlier():
-        time.sleep(heartbeat)
+        same = [t for t in trials if t.number < trial.number and t.params.items() <= point.items()]
+        if not same:
+            return
+        time.sleep(heartbeat if any(t.params == point for t in same) else 0.1)
         optuna.storages.fail_stale_trials(trial.study)
+
+
+def earlier_result(trial, point: dict) -> float | None:
+    """The point's value from a complete trial of the study (whichever worker ran it, on whichever machine)."""
+    import optuna
+
+    trials = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    done = next((t for t in trials if t.params == point), None)
+    if done is None:
+        return None
+    trial.set_user_attr("result_of_trial", done.number)
+    print(f"trial {trial.number} {' '.join(f'{k}={v}' for k, v in point.items())}: {100 * done.value:.2f} % "
+          f"(trial {done.number}'s)", flush=True)  # fmt: skip
+    return done.value
 
 
 def build_parser() -> ArgumentParser:

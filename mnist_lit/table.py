@@ -1,6 +1,8 @@
-"""``scripts/runs.py``: what has been run under a save dir, one row per run folder, read only from what the runs
+"""``scripts/runs.py``: what has been run under save dirs, one row per run folder, read only from what the runs
 left (config.yaml, results.json, checkpoints/last.ckpt): the settings that differ between the listed runs as
-columns, the final accuracy, the status; or, with --group-by, mean ± sd of the final accuracy per group.
+columns, the final accuracy, the status; or, with --group-by, mean ± sd of the final accuracy per group. With
+``--storage URL``, the same from a sweep's or search's study instead, read from the database alone (each trial
+keeps its finished runs' settings, results, folder and host as user attrs): no access to the runs' disks.
 
 Status: ``finished`` (results.json), ``unfinished`` (checkpoints/last.ckpt but no results.json: resumable with
 ``--ckpt``), ``failed`` (neither), ``broken: <why>`` (config.yaml or results.json unreadable or cut short). A run
@@ -10,6 +12,7 @@ import csv
 import difflib
 import io
 import json
+import socket
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ class Run:
     status: str = "failed"
     settings: dict[str, str] = field(default_factory=dict)
     results: dict | None = None
+    where: str = ""  # its save dir (HOST:SAVE_DIR from a study whose runs were on several hosts)
 
     def value(self, key: str) -> str | None:
         """A row's value of a fixed key or a setting, as text (None: this run has no such setting)."""
@@ -121,7 +125,51 @@ def read_runs(save_dir) -> list[Run]:
     """Every run folder under SAVE_DIR/initial and SAVE_DIR/full, initial first, oldest first."""
     if not Path(save_dir).is_dir():
         raise UserError(f"{save_dir}: no such folder (the runs' --save-dir; they are in its initial/ and full/)")
-    return [read_run(p) for stage in STAGES for p in reversed(run_dirs(save_dir, stage)) if p.is_dir()]
+    runs = [read_run(p) for stage in STAGES for p in reversed(run_dirs(save_dir, stage)) if p.is_dir()]
+    for run in runs:
+        run.where = str(save_dir)
+    return runs
+
+
+def attr_names(stage: str) -> tuple[str, str, str]:
+    """A trial's user attrs that record its run of a stage: the folder, the settings, results.json."""
+    prefix = "" if stage == "initial" else f"{stage}_"
+    return f"{prefix}run_dir", f"{prefix}settings", f"{prefix}results"
+
+
+def record_run(trial, run: Path) -> None:
+    """Keep what the runs table needs of a finished run in the trial's user attrs (and the host it ran on)."""
+    found = read_run(run)
+    for name, value in zip(attr_names(found.stage), (str(run), found.settings, found.results)):
+        trial.set_user_attr(name, value)
+    trial.set_user_attr("host", socket.gethostname())
+
+
+def study_runs(url: str, name: str | None) -> list[Run]:
+    """The finished runs the study's trials recorded (each once), ordered as read_runs orders each save dir's."""
+    from mnist_lit.launch import open_storage, shown
+
+    storage = open_storage(url, create=False)
+    names = sorted(study.study_name for study in storage.get_all_studies())
+    if name not in names:
+        if name is not None or len(names) != 1:
+            what = f"no study {name!r} in" if name else "give --study NAME: there is more than one in"
+            raise UserError(f"{what} {shown(url)} (its studies: {', '.join(names) or 'none'})")
+        name = names[0]
+    records: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for trial in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False):
+        attrs = trial.user_attrs
+        for stage in STAGES:
+            folder, settings, results = attr_names(stage)
+            if {folder, settings, results} <= attrs.keys():  # a trial that reused a run records it again
+                records.setdefault((attrs.get("host", ""), attrs[folder]), (attrs[settings], attrs[results]))
+    hosts = len({host for host, _ in records}) > 1
+    runs = []
+    for (host, folder), (settings, results) in records.items():
+        path = Path(folder)
+        where = f"{host}:{path.parent.parent}" if hosts else str(path.parent.parent)
+        runs.append(Run(path, path.parent.name, int(path.name[8:]), "finished", settings, results, where))
+    return sorted(runs, key=lambda run: (run.where, STAGES.index(run.stage), run.version))
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -147,10 +195,11 @@ def result_cells(results: dict | None) -> list[str]:
 def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """One row per run: stage, version, recipe, the differing settings, the results, the status."""
     keys = differing_keys(runs)
-    header = ["stage", "version", "recipe", *keys, *RESULT_COLUMNS, "status"]
+    where = len({run.where for run in runs}) > 1  # runs of several save dirs: which one
+    header = [*(["save dir"] if where else []), "stage", "version", "recipe", *keys, *RESULT_COLUMNS, "status"]
     rows = [
-        [run.stage, str(run.version), *(run.value(key) or "-" for key in ["recipe", *keys])]
-        + [*result_cells(run.results), run.status]
+        [*([run.where] if where else []), run.stage, str(run.version)]
+        + [*(run.value(key) or "-" for key in ["recipe", *keys]), *result_cells(run.results), run.status]
         for run in runs
     ]
     return header, rows
@@ -210,8 +259,15 @@ def check_key(key: str, known: set[str], option: str) -> None:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="runs.py", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("save_dir", nargs="?", default="lightning_logs", metavar="SAVE_DIR",
-                   help="the runs' --save-dir (default lightning_logs)")  # fmt: skip
+    p.add_argument("save_dir", nargs="*", metavar="SAVE_DIR",
+                   help="the runs' --save-dir, or several (default lightning_logs)")  # fmt: skip
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="instead: the runs a study's trials recorded in this Optuna "
+        "database (sweep.py's or tune.py's --storage; a sqlite file: sqlite:///SAVE_DIR/sweep.db)",
+    )
+    p.add_argument("--study", metavar="NAME", help="with --storage: the study (needed if it holds several)")
     p.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
                    help="mean ± sd of the final accuracy over the finished runs sharing these keys' values, e.g. "
                    "recipe model.lr (seed_everything is the seed)")  # fmt: skip
@@ -231,9 +287,19 @@ def report(argv: list[str] | None) -> str:
     for key in args.group_by:  # nargs: `--group-by recipe logs` takes logs for a key
         if Path(key).is_dir():
             raise UserError(f"--group-by {key}: a folder, not a key (SAVE_DIR goes before --group-by)")
-    runs = read_runs(args.save_dir)
-    if not runs:
-        print(f"no runs under {Path(args.save_dir) / 'initial'} or {Path(args.save_dir) / 'full'}", file=sys.stderr)
+    if args.storage and args.save_dir:
+        raise UserError("give SAVE_DIRs or --storage, not both")
+    if args.study and not args.storage:
+        raise UserError("--study goes with --storage URL")
+    if args.storage:
+        runs = study_runs(args.storage, args.study)
+        if not runs:
+            print("no finished run recorded in the study", file=sys.stderr)
+    else:
+        save_dirs = args.save_dir or ["lightning_logs"]
+        runs = [run for save_dir in save_dirs for run in read_runs(save_dir)]
+        if not runs:
+            print(f"no runs under {', '.join(map(str, save_dirs))} (in initial/ or full/)", file=sys.stderr)
     known = {*FIXED, *(key for run in runs for key in run.settings)}
     for option, keys in (("--group-by", args.group_by), ("--filter", [key for key, _ in filters])):
         for key in keys if runs else []:  # no runs: no settings to know the keys by

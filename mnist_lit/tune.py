@@ -7,8 +7,10 @@ SAVE_DIR/best.yaml, the base config with the best trial's settings, for ``train.
 
 Several workers on one study: --jobs N runs N trials at a time from this process (each in its train.py process);
 the same command on other machines with a database that all reach (``--storage postgresql://...``, or a sqlite
-file on a shared disk) and the same ``--study NAME`` adds workers there. Give each worker its own --seed, or their
-first trials repeat each other. --trials N counts the study's trials (complete, pruned, running), whoever runs them.
+file on a shared disk) and the same ``--study NAME`` adds workers there, each with a --save-dir of its own (each
+trial keeps its run's settings, results, folder and host in the database: ``scripts/runs.py --storage``). Give
+each worker its own --seed, or their first trials repeat each other. --trials N counts the study's trials
+(complete, pruned, running), whoever runs them.
 
 Space file (YAML), one entry per setting, by train.py's full name::
 
@@ -25,7 +27,7 @@ import optuna
 import yaml
 from pytorch_lightning.callbacks import Callback
 
-from mnist_lit import launch, sweep
+from mnist_lit import launch, sweep, table
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.flags import CONFIGS
 
@@ -144,7 +146,7 @@ def tune(args, space: dict[str, dict]) -> int:
     name = args.study or launch.study_name("tune", args.base, args.epochs, space, args.prune_below)
     study = optuna.create_study(
         study_name=name,
-        storage=launch.open_storage(args.storage, launch.HEARTBEAT_S),
+        storage=launch.study_storage(args, launch.HEARTBEAT_S),
         sampler=optuna.samplers.TPESampler(seed=args.seed),
         pruner=make_pruner(args.prune_below),
         direction="maximize",
@@ -168,6 +170,7 @@ def tune(args, space: dict[str, dict]) -> int:
         results = launch.results_of(Path(attrs["run_dir"])) if "run_dir" in attrs else None
         if results is None or results["acc"] is None:
             raise launch.RunFailed(f"trial {trial.number}: its run left no validation accuracy")
+        table.record_run(trial, Path(attrs["run_dir"]))
         if "pruned_at_epoch" in attrs:
             raise optuna.TrialPruned(f"val acc {100 * results['acc']:.2f} % at epoch {attrs['pruned_at_epoch']}")
         return results["acc"]

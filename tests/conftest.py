@@ -1,6 +1,15 @@
 """Shared fixtures: small MNIST-format IDX files written by the tests themselves (no network, no real data)."""
 
 import gzip
+import importlib.util
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +177,86 @@ def hparams_in_events(run_dir: Path) -> dict:
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = session.session_start_info.hparams
     return {name: getattr(value, value.WhichOneof("kind")) for name, value in hparams.items()}
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test whose system part (a database server, a browser) cannot be had here; with MNIST_LIT_CI=1
+    (``.ci/run``) fail instead: CI must run every test."""
+    if os.environ.get("MNIST_LIT_CI") == "1":
+        pytest.fail(f"{reason} (MNIST_LIT_CI=1: every test must run)")
+    pytest.skip(reason, allow_module_level=True)
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of the newest PostgreSQL server programs (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if
+                   p.parts[-3].isdigit() else 0)  # fmt: skip
+    on_path = shutil.which("initdb")
+    return found[-1].parent if found else Path(on_path).parent if on_path else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> Iterator[str]:
+    """A throw-away PostgreSQL server on 127.0.0.1 (password login, no fsync), stopped after the session: the URL
+    of its maintenance database. Skips where none can be had, fails in CI (``unavailable``)."""
+    give_up = unavailable
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        give_up("no PostgreSQL server programs (initdb): apt-get install postgresql")
+    if importlib.util.find_spec("psycopg") is None:
+        give_up("no PostgreSQL driver for Python: pip install -e '.[postgres]'")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            give_up("running as root and there is no 'postgres' user to run the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    home = Path(tempfile.mkdtemp(prefix="mnist_lit_pg_"))  # not under pytest's root-only tmp dir
+    password = secrets.token_hex(8)
+    (home / "password").write_text(password)
+    if as_user:
+        os.chown(home, user.pw_uid, user.pw_gid)
+        os.chown(home / "password", user.pw_uid, user.pw_gid)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = home / "data"
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {home} -c fsync=off -c synchronous_commit=off " \
+        "-c full_page_writes=off -c max_connections=300"  # fmt: skip
+    steps = [
+        [str(bin_dir / "initdb"), "-D", str(data), "-U", "mnist", f"--pwfile={home / 'password'}",
+         "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"],
+        [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-t", "60", "-o", options, "start"],
+    ]  # fmt: skip
+    try:
+        for step in steps:
+            done = subprocess.run([*as_user, *step], capture_output=True, text=True, cwd=home)
+            if done.returncode != 0:
+                log = (home / "log").read_text()[-2000:] if (home / "log").exists() else ""
+                give_up(f"the PostgreSQL server did not start: {done.stderr.strip()[-2000:]} {log}")
+        yield f"postgresql://mnist:{password}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, cwd=home)  # fmt: skip
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def new_database(request, tmp_path_factory) -> Callable[[], str]:
+    """Parametrized over the storages: a function that makes a new empty database and returns its URL (a sqlite
+    file, or a database on the test PostgreSQL server)."""
+    if request.param == "sqlite":
+        folder = tmp_path_factory.mktemp("sqlite")
+        return lambda: f"sqlite:///{folder / secrets.token_hex(6)}.db"
+    admin = request.getfixturevalue("postgres_server")
+
+    def create() -> str:
+        import psycopg
+
+        name = f"study_{secrets.token_hex(6)}"
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return admin.rsplit("/", 1)[0] + f"/{name}"
+
+    return create

@@ -1,5 +1,6 @@
-"""mnist_lit.launch: several workers on one sqlite study never take the same waiting trial (the race that made
-tune.py's two workers run an enqueued trial twice, optuna/optuna#4002)."""
+"""mnist_lit.launch: several workers on one study never take the same waiting trial (on sqlite, the race that made
+tune.py's two workers run an enqueued trial twice, optuna/optuna#4002; PostgreSQL locks the row: SELECT ... FOR
+UPDATE)."""
 
 import collections
 import subprocess
@@ -17,8 +18,8 @@ print(" ".join(str(study.ask().number) for _ in range(10)))
 """
 
 
-def test_workers_on_one_sqlite_study_never_take_the_same_waiting_trial(tmp_path):
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def test_workers_on_one_study_never_take_the_same_waiting_trial(new_database):
+    url = new_database()
     study = optuna.create_study(study_name="q", storage=url)
     for x in range(40):
         study.enqueue_trial({"x": x})

@@ -10,12 +10,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 
 from mnist_lit.cli import main
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install -e '.[dev]'")
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).is_file()), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (make install)")
+if CHROMIUM is None:
+    unavailable("needs Chromium: apt-get install chromium (make system-deps)")
+try:
+    from playwright import sync_api
+except ImportError:
+    unavailable("needs Playwright: pip install -e '.[dev]'")
 PATHS_AND_SWITCHES = {"ckpt", "save_dir", "save_freq", "quiet", "data/data_dir", "data/download"}
 
 

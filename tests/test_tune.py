@@ -1,6 +1,6 @@
-"""scripts/tune.py: two worker processes on one sqlite study run its 3 trials between them, each exactly once; the
-trial given a hopeless lr is pruned after its first epoch (--prune-below); best.yaml is a config train.py takes as
-it is; bad space files."""
+"""scripts/tune.py: two worker processes, each in a folder of its own, on one study (sqlite, PostgreSQL) run its 3
+trials between them, each exactly once; the trial given a hopeless lr is pruned after its first epoch
+(--prune-below); best.yaml is a config train.py takes as it is; bad space files."""
 
 import subprocess
 import sys
@@ -22,25 +22,33 @@ HOPELESS = {"model.lr": 1e-9, "data.batch_size": 16}  # learns nothing: below --
 
 
 @pytest.fixture(scope="module")
-def tuned(shared_data_dir, tmp_path_factory):
-    """The two workers' study, their outputs, the save dir."""
-    save_dir = tmp_path_factory.mktemp("tune")
-    storage = f"sqlite:///{save_dir / 'tune.db'}"
+def tuned(new_database, shared_data_dir, tmp_path_factory):
+    """The two workers' study, their outputs, their save dirs."""
+    root, storage = tmp_path_factory.mktemp("tune"), new_database()
     optuna.create_study(study_name="t", storage=storage, direction="maximize").enqueue_trial(HOPELESS)
-    (save_dir / "space.yaml").write_text(SPACE)
-    command = [sys.executable, str(TUNE), "--space", str(save_dir / "space.yaml"), "--trials", "3", "--storage",
+    (root / "space.yaml").write_text(SPACE)
+    command = [sys.executable, str(TUNE), "--space", str(root / "space.yaml"), "--trials", "3", "--storage",
                storage, "--study", "t", "--epochs", "1", "--prune-below", "0.3", "--data-dir", str(shared_data_dir),
-               "--save-dir", str(save_dir), "--quiet"]  # fmt: skip
-    workers = [subprocess.Popen([*command, "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for seed in (0, 1)]  # fmt: skip
+               "--quiet"]  # fmt: skip
+    save_dirs = [root / f"worker{seed}" for seed in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            [*command, "--seed", str(seed), "--save-dir", str(save_dir)],
+            cwd=root,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for seed, save_dir in enumerate(save_dirs)
+    ]
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, out[-3000:] + err[-3000:]
-    return optuna.load_study(study_name="t", storage=storage), outputs, save_dir
+    return optuna.load_study(study_name="t", storage=storage), outputs, save_dirs
 
 
 def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
-    study, outputs, save_dir = tuned
+    study, outputs, save_dirs = tuned
     trials = study.get_trials()
     surplus = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]  # both workers took the last slot
     assert [t.number for t in surplus] in ([], [3]) and all("run_dir" not in t.user_attrs for t in surplus)
@@ -49,7 +57,7 @@ def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] + [optuna.trial.TrialState.COMPLETE] * 2
     assert trials[0].params == HOPELESS and trials[0].intermediate_values[1] < 0.3
     assert all(0.03 <= t.params["model.lr"] <= 0.1 and t.value == t.intermediate_values[1] for t in trials[1:])
-    runs = sorted(p.parent for p in (save_dir / "initial").glob("version_*/results.json"))
+    runs = sorted(p.parent for save_dir in save_dirs for p in (save_dir / "initial").glob("version_*/results.json"))
     assert sorted(Path(t.user_attrs["run_dir"]) for t in trials) == runs  # one run per trial, none twice
     assert {"started": 2, "ran": 3} == {
         "started": sum("study t:" in out for out, _ in outputs),
@@ -58,11 +66,13 @@ def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
 
 
 def test_best_yaml_is_a_config_train_py_takes(tuned, capsys):
-    study, _, save_dir = tuned
-    best = yaml.safe_load((save_dir / "best.yaml").read_text())
+    study, _, save_dirs = tuned
+    written = [save_dir / "best.yaml" for save_dir in save_dirs if (save_dir / "best.yaml").exists()]
+    path = next(p for p in written if f", trial {study.best_trial.number}," in p.read_text())  # the last to finish's
+    best = yaml.safe_load(path.read_text())
     assert best["model"]["lr"] == study.best_params["model.lr"] and best["recipe"] == "seed-tuned"
     capsys.readouterr()
-    assert train(["--config", str(save_dir / "best.yaml"), "--print_config"]) == 0
+    assert train(["--config", str(path), "--print_config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["lr"] == study.best_params["model.lr"]
     assert config["data"]["batch_size"] == study.best_params["data.batch_size"]
