@@ -15,7 +15,7 @@ from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
 from mnist_lit.evaluate import read_scalars
-from mnist_lit.flags import expand_short_flags
+from mnist_lit.flags import expand_short_flags, recipe_names
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.runs import resolve_ckpt, run_dirs
@@ -150,7 +150,9 @@ def test_full_stage_takes_the_runs_settings_then_full_yaml_and_20_more_epochs(in
     data_dir, save_dir, initial_dir = initial_run
     last, full_runs = initial_dir / "checkpoints" / "last.ckpt", run_dirs(save_dir, "full")
     config = resolved_config(capsys, "--stage", "full", "--ckpt", last, "--save-dir", save_dir)
-    assert config["trainer"]["max_epochs"] == 4 + 20
+    assert (config["trainer"]["max_epochs"], config["full_epochs"]) == (4 + 20, 20)  # from configs/full.yaml
+    shorter = resolved_config(capsys, "--stage", "full", "--ckpt", last, "--full_epochs", "3")
+    assert shorter["trainer"]["max_epochs"] == 4 + 3
     assert (config["model"]["lr"], config["model"]["milestones"], config["model"]["momentum"]) == (1e-4, [], 0.5)
     assert config["seed_everything"] == 0 and config["data"]["batch_size"] == 64  # inherited from the initial run
     assert config["data"]["data_dir"] == "data"  # paths come from the command line (or defaults), not the checkpoint
@@ -215,7 +217,7 @@ def test_original_and_short_spellings_are_the_full_names():
     assert expand_short_flags(["--recipe", "fast"])[1].endswith("configs/fast.yaml")
     with pytest.raises(UserError, match="contradicts"):
         expand_short_flags(["--train-full", "1", "--stage", "initial"])
-    with pytest.raises(UserError, match="unknown --recipe 'slow': choose one of fast, seed, strong"):
+    with pytest.raises(UserError, match=f"unknown --recipe 'slow': choose one of {', '.join(recipe_names())} "):
         expand_short_flags(["--recipe", "slow"])
 
 
@@ -279,6 +281,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: model.net slim differs from its lenet"),
         (["--ckpt", tmp_path], "a folder, not a checkpoint file"),
         (["--stage", "full", "--ckpt", last, "--trainer.check_val_every_n_epoch", "5"], "last epoch (24)"),
+        (["--stage", "full", "--ckpt", last, "--full_epochs", "0"], "--full_epochs must be an integer >= 1 (got 0)"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2
