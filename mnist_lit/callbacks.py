@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from lightning_fabric.utilities.logger import _flatten_dict
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
@@ -22,6 +23,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams
 
+from mnist_lit.data import seeded_generator
 from mnist_lit.errors import UserError
 from mnist_lit.module import format_eval
 
@@ -197,6 +199,17 @@ class FreshOptimizer(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.setup_optimizers(trainer)
+
+
+class StepSeededRNG(Callback):
+    """Seed torch's global generator before every training step from (run seed, step, process): random layers of
+    a net (a dropout) draw the same after a resume, which Lightning's checkpoints do not ensure (they keep no RNG
+    state). Nothing else in a step draws from it (data order and augmentation have their own generators)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        step = trainer.global_step * trainer.world_size + trainer.global_rank
+        seed = seeded_generator(pl_module.hparams.seed, step).initial_seed()
+        torch.manual_seed(seed ^ 0x5EED_D80F)  # not the numbers the augmentation draws
 
 
 class EMAWithFreshBatchNorm(EMAWeightAveraging):

@@ -36,10 +36,10 @@ from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import CONFIGS, expand_short_flags
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.module import MNISTLitModule
+from mnist_lit.net import draws_random_numbers
 from mnist_lit.runs import console, launched_as_rank_zero, log_file, new_run_dir, resolve_ckpt, snapshot_code
 
 log = logging.getLogger("mnist_lit")
-FULL_STAGE_EPOCHS = 20  # the full stage's length when --epochs is not given: epochs 21-40 in the original
 # Lightning-launched DDP processes read the checkpoint rank 0 resolved: a bare name could name another file by then.
 CKPT_ENV = "MNIST_LIT_CKPT"
 
@@ -89,6 +89,9 @@ class MNISTCLI(LightningCLI):
         parser.add_argument("--save_dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
         parser.add_argument("--save_freq", type=int, default=5, help="keep a numbered checkpoint every N epochs")
         parser.add_argument("--quiet", type=bool, default=False, help="no progress bar or Lightning banners")
+        parser.add_argument("--full_epochs", type=int | None, default=None, help="the full stage's length when "
+                            "--epochs is not given: its last epoch is the checkpoint's + this (configs/full.yaml: "
+                            "20, epochs 21-40 as in the original)")  # fmt: skip
         parser.add_argument("--recipe", type=str | None, default=None, help="the recipe's name, for the records "
                             "(set by its config file; --recipe NAME reads configs/NAME.yaml)")  # fmt: skip
         parser.link_arguments("seed_everything", "data.seed")
@@ -150,8 +153,14 @@ class MNISTCLI(LightningCLI):
                         f"the full stage goes on from the checkpoint's weights: {key} {self.config[key]} differs "
                         f"from its {base[key]}"
                     )
+            if "model.net_options" in changed:  # e.g. another dropout: fine; another width: not its weights
+                options = {**ckpt["hyper_parameters"], "net_options": self.config.model.net_options}
+                module_from_checkpoint({**ckpt, "hyper_parameters": options}, self.ckpt_path)
             if self.config.trainer.max_epochs is None:
-                self.config.trainer.max_epochs = done + FULL_STAGE_EPOCHS
+                full_epochs = self.config.full_epochs
+                if type(full_epochs) is not int or full_epochs < 1:
+                    raise UserError(f"--full_epochs must be an integer >= 1 (got {full_epochs}), or give --epochs")
+                self.config.trainer.max_epochs = done + full_epochs
         if self.config.trainer.max_epochs <= done:
             raise UserError(
                 f"--epochs {self.config.trainer.max_epochs} is not beyond the checkpoint's epoch {done}: nothing to "
@@ -179,6 +188,8 @@ class MNISTCLI(LightningCLI):
         ]
         if self.ckpt_path and not self.resume:
             run_callbacks.insert(0, callbacks.FreshOptimizer())
+        if draws_random_numbers(self.model.net):  # only then: a callback's hooks cost time on every step
+            run_callbacks.append(callbacks.StepSeededRNG())
         show = not config.quiet
         if config.quiet:  # Lightning's banners (GPU available, ...); console() restores the level afterwards
             logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)

@@ -1,7 +1,7 @@
 """The LightningModule: net + loss + torchmetrics + optimizer (SGD as in the original, or Adam) + schedule."""
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -31,6 +31,7 @@ class MNISTLitModule(pl.LightningModule):
     def __init__(
         self,
         net: str = "lenet",
+        net_options: dict[str, Any] | None = None,
         optimizer: Literal["sgd", "adam"] = "sgd",
         lr: float = 0.01,
         momentum: float = 0.5,
@@ -48,6 +49,8 @@ class MNISTLitModule(pl.LightningModule):
         """
         Args:
             net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, wide, linear.
+            net_options: keyword arguments of that net's constructor, e.g. ``{dropout: 0.3}`` for lenet,
+                ``{width: 32}`` for wide; their defaults are the constructor's.
             optimizer: sgd (with ``momentum``, ``nesterov``) or adam.
             lr: learning rate; OneCycle's peak with ``schedule: onecycle``.
             momentum: SGD momentum, in [0, 1).
@@ -78,7 +81,7 @@ class MNISTLitModule(pl.LightningModule):
                 raise UserError(message)
         self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (callbacks.RunConfig)
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
-        self.net = build_net(net, NUM_CLASSES)
+        self.net = build_net(net, NUM_CLASSES, net_options)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         # The training images' pixel mean and std, taken from the data module at setup: saved with the weights, so

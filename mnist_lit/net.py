@@ -1,5 +1,7 @@
 """The networks: plain torch modules (no Lightning), so they can be exported and reused anywhere."""
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,10 +14,15 @@ class LeNet(nn.Module):
 
     Conv2d(1,20,5) -> MaxPool2 -> ReLU -> Conv2d(20,50,5) -> MaxPool2 -> ReLU
     -> Linear(800,500) -> ReLU -> Linear(500,10) -> log_softmax.
+    ``dropout``: the probability of zeroing each of the 500 hidden values in training (0: the original net, no
+    dropout at all, so no random draws).
     """
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
+        self.dropout = float(dropout)
         self.conv1 = nn.Conv2d(1, 20, kernel_size=5)  # 28x28 -> 24x24, pooled to 12x12
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)  # 12x12 -> 8x8, pooled to 4x4
         self.fc1 = nn.Linear(50 * 4 * 4, 500)
@@ -27,6 +34,8 @@ class LeNet(nn.Module):
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.fc1(x.flatten(1)))
+        if self.dropout:
+            x = F.dropout(x, self.dropout, self.training)
         return F.log_softmax(self.fc2(x), dim=1)
 
 
@@ -96,7 +105,8 @@ class WideNet(nn.Module):
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
 
 
-# Architecture name (as saved in checkpoints) -> class. New architectures join here.
+# Architecture name (as saved in checkpoints) -> class. New architectures join here; a constructor argument
+# other than num_classes is an option of that net (model.net_options), its default given in the constructor only.
 NETS = {
     "lenet": LeNet,
     "slim": SlimNet,
@@ -105,7 +115,31 @@ NETS = {
 }
 
 
-def build_net(name: str, num_classes: int = 10) -> nn.Module:
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def draws_random_numbers(net: nn.Module) -> bool:
+    """Whether a net draws random numbers in training (a dropout layer, or a ``dropout`` option above 0)."""
+    return any(isinstance(m, DROPOUTS) and m.p > 0 or getattr(m, "dropout", 0) for m in net.modules())
+
+
+def net_options(name: str) -> list[str]:
+    """The options a registered net accepts: its constructor's arguments but num_classes."""
+    return [arg for arg in inspect.signature(NETS[name]).parameters if arg != "num_classes"]
+
+
+def build_net(name: str, num_classes: int = 10, options: dict | None = None) -> nn.Module:
+    """The net ``name`` of the registry, built with ``options`` (keyword arguments of its constructor)."""
     if name not in NETS:
         raise UserError(f"unknown net {name!r}; choose one of: {', '.join(NETS)}")
-    return NETS[name](num_classes)
+    options = dict(options or {})
+    accepted = net_options(name)
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise UserError(
+            f"model.net_options: {name} has no option {unknown[0]!r}; it accepts: {', '.join(accepted) or 'none'}"
+        )
+    try:
+        return NETS[name](num_classes, **options)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model.net_options for {name}: {err}") from None

@@ -29,6 +29,8 @@ RESULT_COLUMNS = ("epoch", "split", "correct/count", "acc %", "wall s")
 # Where a run went and what it printed: never columns (--filter and --group-by still take them).
 LOCATION_KEYS = {"save_dir", "ckpt", "save_freq", "quiet", "data.data_dir", "data.download",
                  "trainer.enable_progress_bar", "trainer.enable_model_summary"}  # fmt: skip
+SETTINGS = "settings"  # --group-by's key for all the settings but the seed: the runs that differ only in it
+SEED_KEYS = {"seed_everything", "data.seed", "model.seed"}
 SECTIONS = ("seed_everything", "model", "data", "trainer")  # the order of the settings' columns
 # What a readable file holds; config.yaml's recipe is its last key, so a file cut short at a line lacks it.
 CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "stage", "recipe")
@@ -182,6 +184,16 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return sorted(keep, key=lambda key: section.get(key.split(".")[0], len(SECTIONS)))
 
 
+def group_keys(keys: list[str], runs: list[Run]) -> list[str]:
+    """--group-by's keys, with ``settings`` as recipe and every setting that differs between the runs but the
+    seed (and where the runs went and what they printed): a changed setting is never averaged with its recipe."""
+    if SETTINGS not in keys:
+        return keys
+    every = ["recipe", *(key for key in differing_keys(runs) if key not in SEED_KEYS)]
+    i = keys.index(SETTINGS)
+    return list(dict.fromkeys([*keys[:i], *every, *keys[i + 1 :]]))
+
+
 def result_cells(results: dict | None) -> list[str]:
     """epoch, split, correct/count, acc %, wall s of a results.json ("-" where there is none)."""
     if not results:
@@ -270,7 +282,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--study", metavar="NAME", help="with --storage: the study (needed if it holds several)")
     p.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
                    help="mean ± sd of the final accuracy over the finished runs sharing these keys' values, e.g. "
-                   "recipe model.lr (seed_everything is the seed)")  # fmt: skip
+                   "recipe model.lr (seed_everything is the seed); settings: all settings but the seed, i.e. the "
+                   "runs that differ only in their seed")  # fmt: skip
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="only the runs whose KEY reads VALUE (numbers compare as numbers); repeatable")  # fmt: skip
     p.add_argument("--format", choices=FORMATS, default="table", help="aligned text (default), csv or markdown")
@@ -303,11 +316,11 @@ def report(argv: list[str] | None) -> str:
     known = {*FIXED, *(key for run in runs for key in run.settings)}
     for option, keys in (("--group-by", args.group_by), ("--filter", [key for key, _ in filters])):
         for key in keys if runs else []:  # no runs: no settings to know the keys by
-            check_key(key, known, option)
+            check_key(key, known | ({SETTINGS} if option == "--group-by" else set()), option)
     runs = [run for run in runs if all(matches(run.value(key), value, key) for key, value in filters)]
     if not runs and filters:
         print("no run matches the filters", file=sys.stderr)
-    table = groups_table(runs, args.group_by) if args.group_by else runs_table(runs)
+    table = groups_table(runs, group_keys(args.group_by, runs)) if args.group_by else runs_table(runs)
     return render(*table, args.format)
 
 

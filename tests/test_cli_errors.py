@@ -75,6 +75,7 @@ def test_bad_checkpoints_are_refused(initial_run, tmp_path, capsys):
         (["--stage", "full", "--ckpt", last, "--net", "slim"], "weights: model.net slim differs from its lenet"),
         (["--ckpt", tmp_path], "a folder, not a checkpoint file"),
         (["--stage", "full", "--ckpt", last, "--trainer.check_val_every_n_epoch", "5"], "last epoch (24)"),
+        (["--stage", "full", "--ckpt", last, "--full_epochs", "0"], "--full_epochs must be an integer >= 1 (got 0)"),
     ]
     for argv, message in cases:
         assert run("--data-dir", data_dir, "--save-dir", tmp_path / "logs", "--quiet", *argv) == 2

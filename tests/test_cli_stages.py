@@ -124,7 +124,9 @@ def test_full_stage_takes_the_runs_settings_then_full_yaml_and_20_more_epochs(in
     data_dir, save_dir, initial_dir = initial_run
     last, full_runs = initial_dir / "checkpoints" / "last.ckpt", run_dirs(save_dir, "full")
     config = resolved_config(capsys, "--stage", "full", "--ckpt", last, "--save-dir", save_dir)
-    assert config["trainer"]["max_epochs"] == 4 + 20
+    assert (config["trainer"]["max_epochs"], config["full_epochs"]) == (4 + 20, 20)  # from configs/full.yaml
+    shorter = resolved_config(capsys, "--stage", "full", "--ckpt", last, "--full_epochs", "3")
+    assert shorter["trainer"]["max_epochs"] == 4 + 3
     assert (config["model"]["lr"], config["model"]["milestones"], config["model"]["momentum"]) == (1e-4, [], 0.5)
     assert config["seed_everything"] == 0 and config["data"]["batch_size"] == 64  # inherited from the initial run
     assert config["data"]["data_dir"] == "data"  # paths come from the command line (or defaults), not the checkpoint

@@ -276,3 +276,37 @@ def test_a_real_run_is_a_finished_row(shared_data_dir, tmp_path, capsys):
         "correct/count": f"{written['correct']}/{written['count']}", "acc %": f"{100 * written['acc']:.2f}",
         "wall s": f"{written['wall_s']:.1f}", "status": "finished",
     }  # fmt: skip
+
+
+def test_group_by_settings_averages_only_runs_that_differ_in_their_seed(tmp_path, capsys):
+    """A recipe with one setting changed (lr 0.02, still recorded as seed) is its own group, not averaged with the
+    recipe; where a run went (its data_dir, quiet) does not split a group."""
+    accs = {(0.01, 0): 0.99, (0.01, 1): 0.991, (0.01, 2): 0.992, (0.02, 0): 0.98, (0.02, 1): 0.982}
+    for version, ((lr, seed), acc) in enumerate(accs.items()):
+        where = {"data.data_dir": "/elsewhere", "quiet": True} if version == 2 else {}
+        make_run(tmp_path, "initial", version, config(seed_everything=seed, **{"model.lr": lr}, **where),
+                 results("initial", acc, 20))  # fmt: skip
+    fast = config(recipe="fast", **{"model.net": "slim", "model.lr": 0.04})
+    make_run(tmp_path, "initial", 5, fast, results("initial", 0.985, 2))
+    make_run(tmp_path, "initial", 6, config(seed_everything=7, **{"model.lr": 0.02}), last_ckpt=True)  # unfinished
+    code, out, _ = run_main(capsys, tmp_path, "--group-by", "settings", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and list(rows[0]) == ["stage", "recipe", "model.net", "model.lr", "n", "acc % mean", "sd",
+                                           "other runs"]  # fmt: skip
+    by_lr = {(r["recipe"], r["model.net"], r["model.lr"]): r for r in rows}
+    assert set(by_lr) == {("seed", "lenet", "0.01"), ("seed", "lenet", "0.02"), ("fast", "slim", "0.04")}
+    for lr, other in (("0.01", "0"), ("0.02", "1")):
+        percent = [100 * acc for (rate, _), acc in accs.items() if str(rate) == lr]
+        group = by_lr["seed", "lenet", lr]
+        assert (group["n"], group["other runs"]) == (str(len(percent)), other)
+        assert (group["acc % mean"], group["sd"]) == (
+            f"{statistics.mean(percent):.2f}",
+            f"{statistics.stdev(percent):.2f}",
+        )
+    _, out, _ = run_main(capsys, tmp_path, "--group-by", "recipe", "--format", "csv")
+    assert {r["recipe"]: r["n"] for r in csv.DictReader(io.StringIO(out))} == {"seed": "5", "fast": "1"}  # mixed
+    _, settings, _ = run_main(capsys, tmp_path, "--group-by", "settings", "--format", "csv")
+    _, same, _ = run_main(capsys, tmp_path, "--group-by", "stage", "settings", "model.lr", "--format", "csv")
+    assert same == settings  # keys named twice count once
+    code, _, err = run_main(capsys, tmp_path, "--filter", "settings=x")
+    assert code == 2 and "unknown key for --filter: settings" in err
