@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_lit import callbacks
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataModule, eval_split_of
 from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import CONFIGS, expand_short_flags
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
@@ -92,6 +92,8 @@ class MNISTCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("stage", "data.stage")
+        parser.link_arguments("stage", "model.eval_split", compute_fn=eval_split_of)
+        parser.link_arguments("data", "model.pixel_stats", compute_fn=training_pixel_stats, apply_on="instantiate")
 
     def parse_arguments(self, parser, args: list[str]) -> None:
         """Parse; with --ckpt, parse again on top of the checkpoint's own config (and configs/full.yaml for a new
@@ -161,9 +163,7 @@ class MNISTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The Trainer of a run, after rank 0 checked the data and made the run folder (other ranks have none)."""
         config, given = self.config, self.config_init.trainer
-        if launched_as_rank_zero():
-            self.datamodule.prepare_data()  # missing or corrupt data fails here, before a run folder is made;
-            self.datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
+        if launched_as_rank_zero():  # the data was checked when the model was made (training_pixel_stats)
             self.run_dir = new_run_dir(config.save_dir, config.stage)
         checkpoints = self.run_dir / "checkpoints" if self.run_dir else None  # Lightning broadcasts rank 0's
         run_callbacks = [
@@ -196,6 +196,16 @@ class MNISTCLI(LightningCLI):
             if self.run_dir is not None:
                 self.run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
             raise UserError(f"the Trainer refused the options: {' '.join(str(err).split())}") from None
+
+
+def training_pixel_stats(data: MNISTDataModule) -> tuple[float, float]:
+    """The training images' pixel statistics, handed to the model as it is made. Rank 0 checks (or downloads) the
+    files first: missing or corrupt data fails here, before a run folder is made; the processes a launcher starts
+    for the other ranks read the files rank 0 prepared. The decoded tensors are kept for Lightning's setup call."""
+    if launched_as_rank_zero():
+        data.prepare_data()
+    data.setup()
+    return data.mean, data.std
 
 
 def listed(value) -> list:
