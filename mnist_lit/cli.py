@@ -199,9 +199,10 @@ class MNISTCLI(LightningCLI):
 
 
 def training_pixel_stats(data: MNISTDataModule) -> tuple[float, float]:
-    """The training images' pixel statistics, handed to the model as it is made. Rank 0 checks (or downloads) the
-    files first: missing or corrupt data fails here, before a run folder is made; the processes a launcher starts
-    for the other ranks read the files rank 0 prepared. The decoded tensors are kept for Lightning's setup call."""
+    """The training images' pixel statistics, handed to the model as it is made (LightningCLI's link). Rank 0
+    checks or downloads the files first: missing or corrupt data fails here, before a run folder is made. The
+    other ranks read them (Lightning's DDP starts them after that; with torchrun or srun the files must already be
+    there). The decoded tensors are kept for Lightning's own setup call."""
     if launched_as_rank_zero():
         data.prepare_data()
     data.setup()

@@ -6,9 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from conftest import REAL_DATA
+from torch.utils.data import DataLoader, TensorDataset
 
+from mnist_lit import evaluate
 from mnist_lit.cli import main
+from mnist_lit.idx import load_split, raw_dir
+from mnist_lit.module import MNISTLitModule
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -33,3 +39,30 @@ def test_one_real_epoch_learns(tmp_path):
     results = json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())
     assert results["count"] == 6000  # the 10 % validation split of the 60k training images
     assert results["acc"] > 0.95  # one epoch of the original recipe reaches about 96 %
+
+
+def test_a_loaded_model_takes_the_test_images_as_mnist_stores_them(tmp_path):
+    """One epoch of the fast recipe; then the model loaded as the README shows, fed the uint8 test images, counts
+    what evaluate.py counts, and so does trainer.predict; its validation count is the run's own."""
+    assert main(["--recipe", "fast", "--epochs", "1", "--data-dir", str(REAL_DATA), "--save-dir", str(tmp_path),
+                 "--quiet"]) == 0  # fmt: skip
+    run_dir = tmp_path / "initial" / "version_0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    model = MNISTLitModule.load_from_checkpoint(ckpt, weights_only=True).eval()
+    images, labels = load_split(raw_dir(REAL_DATA), "test")
+    assert images.dtype == torch.uint8 and images.shape == (10000, 28, 28)
+    log_probs = model(images)
+    correct = int((log_probs.argmax(1) == labels).sum())
+    assert correct > 9700  # one epoch of the fast recipe reaches about 98.8 %
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    predicted = torch.cat(trainer.predict(model, dataloaders=DataLoader(TensorDataset(images), batch_size=1000)))
+    assert int((predicted.argmax(1) == labels).sum()) == correct
+    for split in ("test", "val"):
+        assert evaluate.main(["--ckpt", str(ckpt), "--data-dir", str(REAL_DATA), "--split", split]) == 0
+    metrics = {
+        split: json.loads((run_dir / "evaluation" / f"last-{split}" / "metrics.json").read_text())
+        for split in ("test", "val")
+    }
+    assert metrics["test"]["correct"] == correct
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (metrics["val"]["correct"], metrics["val"]["count"]) == (results["correct"], results["count"])
