@@ -160,6 +160,14 @@ class MNISTCLI(LightningCLI):
                 [*layers, *args, *ckpt_arg, f"--trainer.max_epochs={self.config.trainer.max_epochs}", *printing]
             )
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # jsonargparse wraps what a link raises: data that cannot be read (see below)
+            if isinstance(err.__cause__, UserError):
+                raise err.__cause__ from None
+            raise
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer of a run, after rank 0 checked the data and made the run folder (other ranks have none)."""
         config, given = self.config, self.config_init.trainer

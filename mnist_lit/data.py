@@ -155,6 +155,9 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = None
         self.mean, self.std = MEAN, STD
 
+    def __str__(self) -> str:  # Lightning's lists the loaders' sizes, making them (reading the test files)
+        return f"MNISTDataModule({self.hparams.dataset}, {self.hparams.stage} stage, {self.hparams.data_dir})"
+
     @property
     def eval_split(self) -> str:
         """What the per-epoch evaluation (Lightning's validation loop) runs on: 'val', or 'test' in the full stage."""
