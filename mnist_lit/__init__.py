@@ -1,4 +1,6 @@
 """mnist_lit: the seed project's two-stage MNIST pipeline as a PyTorch Lightning project.
 
-data (MNISTDataModule) - net (LeNet) - loss (nll_loss) - module (MNISTLitModule) - training (the runs).
+idx (the IDX files) - data (MNISTDataModule) - net (LeNet, SlimNet, WideNet) - module (MNISTLitModule: the model
+with its input normalisation, the training step) - cli (scripts/train.py: LightningCLI, the runs) - evaluate,
+predict, export (using a trained model).
 """

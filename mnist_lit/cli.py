@@ -31,7 +31,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_lit import callbacks
 from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataModule, eval_split_of
 from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import CONFIGS, expand_short_flags
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
@@ -97,6 +97,8 @@ class MNISTCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("stage", "data.stage")
+        parser.link_arguments("stage", "model.eval_split", compute_fn=eval_split_of)
+        parser.link_arguments("data", "model.pixel_stats", compute_fn=training_pixel_stats, apply_on="instantiate")
 
     def parse_arguments(self, parser, args: list[str]) -> None:
         """Parse; with --ckpt, parse again on top of the checkpoint's own config (and configs/full.yaml for a new
@@ -172,12 +174,18 @@ class MNISTCLI(LightningCLI):
                 [*layers, *args, *ckpt_arg, f"--trainer.max_epochs={self.config.trainer.max_epochs}", *printing]
             )
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # jsonargparse wraps what a link raises: data that cannot be read (see below)
+            if isinstance(err.__cause__, UserError):
+                raise err.__cause__ from None
+            raise
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer of a run, after rank 0 checked the data and made the run folder (other ranks have none)."""
         config, given = self.config, self.config_init.trainer
-        if launched_as_rank_zero():
-            self.datamodule.prepare_data()  # missing or corrupt data fails here, before a run folder is made;
-            self.datamodule.setup()  # the decoded tensors are kept, Lightning's own setup call reuses them
+        if launched_as_rank_zero():  # the data was checked when the model was made (training_pixel_stats)
             self.run_dir = new_run_dir(config.save_dir, config.stage)
         checkpoints = self.run_dir / "checkpoints" if self.run_dir else None  # Lightning broadcasts rank 0's
         run_callbacks = [
@@ -225,6 +233,17 @@ def first_error(err: Exception) -> str:
     if "\nErrors:\n" in text:
         text = text.split("\nErrors:\n", 1)[1].split("\n", 1)[0].lstrip(" -")
     return " ".join(text.split())[:400]
+
+
+def training_pixel_stats(data: MNISTDataModule) -> tuple[float, float]:
+    """The training images' pixel statistics, handed to the model as it is made (LightningCLI's link). Rank 0
+    checks or downloads the files first: missing or corrupt data fails here, before a run folder is made. The
+    other ranks read them (Lightning's DDP starts them after that; with torchrun or srun the files must already be
+    there). The decoded tensors are kept for Lightning's own setup call."""
+    if launched_as_rank_zero():
+        data.prepare_data()
+    data.setup()
+    return data.mean, data.std
 
 
 def listed(value) -> list:

@@ -1,7 +1,8 @@
 """MNIST (or its sisters) as a LightningDataModule: the IDX files decoded once into uint8 tensors, batched.
 
-Batches are cut from the in-memory tensors by indexing (no per-sample PIL/ToTensor work) and normalised as
-whole tensors on the Trainer's device, in ``on_after_batch_transfer``.
+Batches of uint8 pixels are cut from the in-memory tensors by indexing (no per-sample PIL/ToTensor work); the
+model normalises them, on the Trainer's device, with the training images' statistics (``MNISTDataModule.mean``,
+``.std``) that train.py hands it.
 """
 
 import functools
@@ -53,6 +54,11 @@ def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> tor
     if images.dim() == 3:
         images = images.unsqueeze(1)
     return (images.float() - 255 * mean) / (255 * std)
+
+
+def eval_split_of(stage: str) -> str:
+    """What a stage's per-epoch evaluation runs on: 'val', or 'test' in the full stage (which trains on all 60k)."""
+    return "val" if stage == "initial" else "test"
 
 
 def seeded_generator(seed: int, counter: int, device="cpu") -> torch.Generator:
@@ -123,8 +129,8 @@ class MNISTDataModule(pl.LightningDataModule):
     stage "initial": a seeded split of the 60k training images into train (1 - val_fraction) and validation, or
     with ``folds``, fold ``fold`` of a seeded k-fold partition as validation.
     stage "full": all 60k images for training; the 10k test images are the per-epoch evaluation set.
-    The test set is always the 10k official test images. Normalisation uses the mean and std of all 60k
-    training images, computed in ``setup`` (``self.mean``, ``self.std``).
+    The test set is always the 10k official test images. Batches hold uint8 pixels; ``setup`` also computes
+    the mean and std of all 60k training images (``self.mean``, ``self.std``), which the model normalises with.
     """
 
     def __init__(
@@ -169,10 +175,13 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = None
         self.mean, self.std = MEAN, STD
 
+    def __str__(self) -> str:  # Lightning's lists the loaders' sizes, making them (reading the test files)
+        return f"MNISTDataModule({self.hparams.dataset}, {self.hparams.stage} stage, {self.hparams.data_dir})"
+
     @property
     def eval_split(self) -> str:
         """What the per-epoch evaluation (Lightning's validation loop) runs on: 'val', or 'test' in the full stage."""
-        return "val" if self.hparams.stage == "initial" else "test"
+        return eval_split_of(self.hparams.stage)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -216,7 +225,3 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> InMemoryLoader:
         return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch
-        return normalize(images, self.mean, self.std), labels

@@ -182,7 +182,7 @@ def format_table(metrics: dict, title: str) -> str:
 def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str | None) -> Path:
     trained = load_trained(ckpt, dataset)
     images, labels = split_data(trained, data_dir, split)
-    log_probs = classify(trained.classifier, images)
+    log_probs = classify(trained.module, images)
     metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
     metrics.update(compute_metrics(log_probs, labels, trained.classes))
     run = trained.run_dir  # None for a checkpoint outside a run folder: no curves, no TensorBoard logging

@@ -1,4 +1,4 @@
-"""Export a checkpoint's classifier (normalisation inside) to ONNX or TorchScript, with its input contract.
+"""Export a checkpoint's model (its normalisation inside) to ONNX or TorchScript, with its input contract.
 
 Every export is checked against the checkpoint on the whole test set of its dataset before it is kept:
 it is written as ``FILE.part`` and only renamed to ``FILE`` (with the contract in ``FILE.json``) if all
@@ -15,11 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
-from mnist_lit.inference import Classifier, Trained, classify, load_trained
+from mnist_lit.inference import Trained, classify, load_trained
+from mnist_lit.module import MNISTLitModule
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
 CONTRACT_KEY = "mnist_lit.contract"  # ONNX metadata_props key, and the name of the file inside a TorchScript archive
@@ -27,6 +29,18 @@ MAX_ABS_DIFF = 1e-4
 BATCH_SIZE = 1000
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # float pixels (N, 1, 28, 28) -> log-probabilities (N, 10)
+
+
+class Traced(nn.Module):
+    """What is exported: the model's own forward (its preprocessing and net), with only the net as a submodule;
+    tracing the LightningModule whole would also walk its metrics and ask for its Trainer."""
+
+    def __init__(self, model: MNISTLitModule):
+        super().__init__()
+        self.net, self.run = model.net, model.forward  # a bound method is no submodule; the net's weights are shared
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.run(pixels)
 
 
 def contract_path(out: Path) -> Path:
@@ -48,8 +62,8 @@ def build_contract(trained: Trained, export_format: str) -> dict:
             "28x28; MNIST digits are size-normalised and centred by their centre of mass",
             "normalisation": {
                 "inside": True,
-                "mean": trained.classifier.mean,
-                "std": trained.classifier.std,
+                "mean": trained.module.pixel_stats[0],
+                "std": trained.module.pixel_stats[1],
                 "formula": "(pixels / 255 - mean) / std",
             },
         },
@@ -80,11 +94,11 @@ def _example_input() -> torch.Tensor:
     return torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
-def save_onnx(classifier: Classifier, path: Path, contract_text: str) -> None:
+def save_onnx(model: Traced, path: Path, contract_text: str) -> None:
     # torch.export-based exporter (dynamo=True), torch 2.14's default: the TorchScript-based one is deprecated.
     # It puts the weights in a side file PATH.data unless external_data=False; the model is small, so one file.
     program = torch.onnx.export(
-        classifier,
+        model,
         (_example_input(),),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
@@ -103,9 +117,9 @@ def load_onnx(path: Path) -> Run:
     return lambda pixels: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
 
 
-def save_torchscript(classifier: Classifier, path: Path, contract_text: str) -> None:
+def save_torchscript(model: Traced, path: Path, contract_text: str) -> None:
     with _quiet_torchscript(), torch.no_grad():
-        traced = torch.jit.trace(classifier, _example_input())
+        traced = torch.jit.trace(model, _example_input())
         traced.save(str(path), _extra_files={CONTRACT_KEY: contract_text})
 
 
@@ -114,7 +128,7 @@ def load_torchscript(path: Path) -> Run:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-FORMATS: dict[str, tuple[Callable[[Classifier, Path, str], None], Callable[[Path], Run]]] = {
+FORMATS: dict[str, tuple[Callable[[Traced, Path, str], None], Callable[[Path], Run]]] = {
     "onnx": (save_onnx, load_onnx),
     "torchscript": (save_torchscript, load_torchscript),
 }
@@ -144,10 +158,10 @@ def export(args: argparse.Namespace) -> dict:
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            save(trained.classifier, partial, contract_text)
+            save(Traced(trained.module), partial, contract_text)
         except OSError as err:
             raise UserError(f"cannot write {partial}: {err.strerror or err}") from None
-        reference = classify(trained.classifier, images, BATCH_SIZE)
+        reference = classify(trained.module, images, BATCH_SIZE)
         exported = classify(load(partial), images, BATCH_SIZE)
         differing, max_abs_diff = compare(reference, exported)
         correct = int((exported.argmax(1) == labels).sum())

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from mnist_lit.data import normalize
 from mnist_lit.errors import UserError
 from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
@@ -44,27 +42,11 @@ def run_settings(ckpt: dict) -> dict:
     return {**ckpt.get("hyper_parameters", {}), **ckpt.get("datamodule_hyper_parameters", {})}
 
 
-class Classifier(nn.Module):
-    """A trained net with its input normalisation inside.
-
-    Input: float32 pixels in 0..255, shape (N, 1, 28, 28), white digit on black as in MNIST.
-    Output: log-probabilities, shape (N, 10).
-    """
-
-    def __init__(self, net: nn.Module, mean: float, std: float):
-        super().__init__()
-        self.net, self.mean, self.std = net, mean, std
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(normalize(pixels, self.mean, self.std))
-
-
 @dataclass
 class Trained:
     """What a checkpoint holds, ready to use."""
 
-    module: MNISTLitModule
-    classifier: Classifier
+    module: MNISTLitModule  # in eval mode; takes pixels 0..255, normalises them itself
     dataset: str
     classes: tuple[str, ...]
     ckpt: dict
@@ -91,6 +73,8 @@ def module_from_checkpoint(ckpt: dict, path) -> MNISTLitModule:
         module = MNISTLitModule(**{k: v for k, v in hparams.items() if k in known})
     except TypeError as err:
         raise UserError(f"{path}: settings this version does not know ({err})") from None
+    ckpt = {**ckpt, "state_dict": dict(ckpt["state_dict"])}  # the hook may change it: the caller's is kept
+    module.on_load_checkpoint(ckpt)  # as Lightning's loading does: reads checkpoints of earlier versions
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:  # name the missing / unexpected weights: the first line alone says nothing
@@ -107,13 +91,11 @@ def load_trained(path, dataset: str | None = None) -> Trained:
     if dataset is not None and dataset != trained_on:
         raise UserError(f"{path} was trained on {trained_on}, not {dataset}")
     module = module_from_checkpoint(ckpt, path).eval()
-    mean, std = module.pixel_stats.tolist()
-    classifier = Classifier(module.net, mean, std).eval()
-    return Trained(module, classifier, trained_on, dataset_spec(trained_on).classes, ckpt, path)
+    return Trained(module, trained_on, dataset_spec(trained_on).classes, ckpt, path)
 
 
 @torch.no_grad()
 def classify(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Log-probabilities of pixel images (N x 28 x 28, any dtype, 0..255) from ``model`` (a Classifier, or any
-    callable with its contract, e.g. an exported model), fed as float32 N x 1 x 28 x 28 in batches."""
+    """Log-probabilities of pixel images (N x 28 x 28, any dtype, 0..255) from ``model`` (an MNISTLitModule in
+    eval mode, or any callable with an export's contract), fed as float32 N x 1 x 28 x 28 in batches."""
     return torch.cat([model(batch.reshape(-1, 1, *batch.shape[-2:]).float()) for batch in images.split(batch_size)])

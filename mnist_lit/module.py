@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mnist_lit.augment import random_affine
 from mnist_lit.data import normalize, seeded_generator
 from mnist_lit.errors import UserError
-from mnist_lit.idx import MEAN, NUM_CLASSES, STD
+from mnist_lit.idx import IMAGE_SIZE, MEAN, NUM_CLASSES, STD
 from mnist_lit.loss import nll_loss
 from mnist_lit.net import build_net
 
@@ -20,12 +20,14 @@ SPLITS = ("train", "val", "test")
 
 
 class MNISTLitModule(pl.LightningModule):
-    """Trains a net from ``mnist_lit.net`` on batches of normalised images.
+    """A net from ``mnist_lit.net`` with its input normalisation: it takes images as MNIST stores them.
 
+    ``model(images)``: pixels 0..255 (uint8 or float, N x 28 x 28 or N x 1 x 28 x 28) -> log-probabilities
+    (N x 10), normalised with the training images' statistics saved in the model (``pixel_stats``).
     The defaults are the original protocol's (the ``seed`` recipe). Logged per epoch: ``{split}/loss``,
-    ``{split}/acc`` (and ``val/acc_best``), where the evaluation split is the data module's ``eval_split``:
-    ``val`` in the initial stage, ``test`` in the full stage. Hyperparameters are plain data, saved in every
-    checkpoint, so ``MNISTLitModule.load_from_checkpoint(path, weights_only=True)`` rebuilds the model.
+    ``{split}/acc`` (and ``val/acc_best``), where the per-epoch evaluation is logged as ``eval_split``: ``val``
+    in the initial stage, ``test`` in the full stage. Hyperparameters are plain data, saved in every checkpoint,
+    so ``MNISTLitModule.load_from_checkpoint(path, weights_only=True).eval()`` rebuilds the model.
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class MNISTLitModule(pl.LightningModule):
         elastic: float = 0.0,
         channels_last: bool = False,
         seed: int = 0,
+        eval_split: Literal["val", "test"] = "val",
+        pixel_stats: tuple[float, float] | None = None,
     ):
         """
         Args:
@@ -65,6 +69,10 @@ class MNISTLitModule(pl.LightningModule):
             elastic: with augment, also bend each image by up to this many pixels.
             channels_last: NHWC memory layout for the convolutions (oneDNN's faster layout on CPUs).
             seed: the run's seed (set from --seed_everything): augmentation draws depend only on (seed, step).
+            eval_split: what the per-epoch evaluation (Lightning's validation loop) is logged as: val, or test in
+                the full stage (train.py sets it from --stage).
+            pixel_stats: mean and std of the training images' pixels after /255, which the input is normalised
+                with (train.py sets them from the data module's); None: MNIST's.
         """
         super().__init__()
         checks = [
@@ -75,19 +83,19 @@ class MNISTLitModule(pl.LightningModule):
              f"must be increasing, > 0 (got {list(milestones)})"),
             (optimizer in ("sgd", "adam"), f"unknown model.optimizer {optimizer!r}: sgd or adam"),
             (schedule in ("multistep", "onecycle"), f"unknown model.schedule {schedule!r}: multistep or onecycle"),
+            (eval_split in ("val", "test"), f"unknown model.eval_split {eval_split!r}: val or test"),
+            (pixel_stats is None or (len(pixel_stats) == 2 and pixel_stats[1] > 0), "model.pixel_stats must be "
+             f"(mean, std) with std > 0 (got {pixel_stats})"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (callbacks.RunConfig)
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
+        self.hparams.pixel_stats = None if pixel_stats is None else [float(v) for v in pixel_stats]
         self.net = build_net(net, NUM_CLASSES, net_options)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # The training images' pixel mean and std, taken from the data module at setup: saved with the weights, so
-        # the model can be used (predict, export) without the data. float32: every accelerator has it (MPS has no
-        # float64).
-        self.register_buffer("pixel_stats", torch.tensor([MEAN, STD]))
         # One torchmetrics object per split and quantity (names as in Lightning's examples: "train" itself is taken
         # by nn.Module.train). validate_args=False: the argument checks cost a host sync on every update.
         # The loss means take each sample's loss (see model_step): the last, partial batch weighs what it holds.
@@ -98,25 +106,42 @@ class MNISTLitModule(pl.LightningModule):
         self.val_count, self.test_count = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
-        self.eval_split = "val"
 
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            return
-        self.eval_split = datamodule.eval_split
-        if stage == "fit":  # evaluation keeps the statistics the model was trained with
-            self.pixel_stats = torch.tensor([datamodule.mean, datamodule.std], device=self.device)
+    @property
+    def eval_split(self) -> str:
+        return self.hparams.eval_split
+
+    @property
+    def pixel_stats(self) -> tuple[float, float]:
+        """Mean and std of the training images' pixels after /255: what the input is normalised with."""
+        return tuple(self.hparams.pixel_stats) if self.hparams.pixel_stats is not None else (MEAN, STD)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (float32, also under bf16 autocast) of normalised images (N x 1 x 28 x 28)."""
+        """Log-probabilities (N x 10, float32) of images as MNIST stores them: pixels 0..255, white on black,
+        uint8 or float, N x 28 x 28 or N x 1 x 28 x 28. Call ``model.eval()`` first (BatchNorm, for the nets that
+        have it, uses the training batch's statistics in training mode)."""
+        return self.classify(self.preprocess(images))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels 0..255 -> the net's input, float32 N x 1 x 28 x 28 normalised with ``pixel_stats``: the one
+        place where images are normalised (training, evaluation, forward, the BatchNorm recomputation, exports)."""
+        shapes = ((IMAGE_SIZE, IMAGE_SIZE), (1, IMAGE_SIZE, IMAGE_SIZE))
+        if not torch.jit.is_tracing() and tuple(images.shape[1:]) not in shapes:  # a trace's shapes are tensors
+            raise ValueError(f"expected images of N x 28 x 28 or N x 1 x 28 x 28 pixels, got {tuple(images.shape)}")
+        return normalize(images, *self.pixel_stats)
+
+    def classify(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (float32, also under bf16 autocast) of preprocessed images."""
         if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images).float()
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.net(inputs).float()
 
     def model_step(self, batch, split: str) -> torch.Tensor:
         images, targets = batch
-        log_probs = self(images)
+        inputs = self.preprocess(images)
+        if split == "train" and self.hparams.augment:
+            inputs = self.augment(inputs)
+        log_probs = self.classify(inputs)
         # Label smoothing is a training device: evaluation reports the plain negative log-likelihood.
         loss = nll_loss(log_probs, targets, self.hparams.label_smoothing if split == "train" else 0.0)
         acc, mean_loss = getattr(self, f"{split}_acc"), getattr(self, f"{split}_loss")
@@ -142,8 +167,6 @@ class MNISTLitModule(pl.LightningModule):
         self.log_epoch("test")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.augment:
-            batch = (self.augment(batch[0]), batch[1])
         return self.model_step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -152,27 +175,42 @@ class MNISTLitModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self.model_step(batch, "test")
 
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Log-probabilities of a batch of images (or of (images, labels) pairs, as the data module yields)."""
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     def on_validation_epoch_end(self) -> None:
         self.log_epoch(self.eval_split)
         if self.eval_split == "val" and not self.trainer.sanity_checking:
             self.val_acc_best(self.val_acc.compute())
             self.log("val/acc_best", self.val_acc_best.compute())
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
+    def augment(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Randomly moved and bent preprocessed images; the uncovered border is a black pixel, preprocessed."""
         # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
-        generator = seeded_generator(self.hparams.seed, self.global_step, images.device)
-        background = -self.pixel_stats[0] / self.pixel_stats[1]  # a black pixel, normalised: a tensor, no host sync
-        return random_affine(images, generator, background=background, elastic=self.hparams.elastic)
+        generator = seeded_generator(self.hparams.seed, self.global_step, inputs.device)
+        # The fill as float32 arithmetic on float32 statistics gives it, as the figures in docs/recipes.md had it.
+        mean, std = torch.tensor(self.pixel_stats, dtype=torch.float32)
+        background = float(-mean / std)
+        return random_affine(inputs, generator, background=background, elastic=self.hparams.elastic)
 
     def recompute_batchnorm_stats(self, images: torch.Tensor, batch_size: int) -> None:
         """Set the net's BatchNorm running statistics to those of ``images`` (uint8, N x 28 x 28) under the
         current weights: forward passes in training mode, averaged over all batches (torch's update_bn)."""
-        mean, std = self.pixel_stats.tolist()
-        batches = (normalize(chunk.to(self.device), mean, std) for chunk in images.split(batch_size))
+        batches = (self.preprocess(chunk.to(self.device)) for chunk in images.split(batch_size))
         if self.hparams.channels_last:
             batches = (batch.contiguous(memory_format=torch.channels_last) for batch in batches)
         with torch.no_grad():
             update_bn(batches, self.net)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints of earlier versions kept the statistics as a buffer ``pixel_stats`` among the weights (and
+        their model took normalised images): the buffer is dropped, its values are used unless the model was given
+        its own."""
+        for key in ("state_dict", "current_model_state"):  # the second: the trained weights beside an EMA's
+            old = checkpoint.get(key, {}).pop("pixel_stats", None)
+            if old is not None and self.hparams.pixel_stats is None:
+                self.hparams.pixel_stats = old.tolist()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -137,7 +137,7 @@ def predict_files(trained: Trained, paths) -> tuple[list[Prediction], list[str]]
         files.append(path)
     if not digits:
         return [], errors
-    log_probs = classify(trained.classifier, torch.stack(digits))
+    log_probs = classify(trained.module, torch.stack(digits))
     top_probs, top_labels = log_probs.exp().topk(3, dim=1)
     predictions = []
     for path, probs, labels in zip(files, top_probs.tolist(), top_labels.tolist()):

@@ -44,8 +44,8 @@ def digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_before_and_after_one_step(model, batch, precision="32-true") -> tuple[float, float]:
-    """The model's training-mode loss on ``batch`` before and after one step of training_step, run by a
-    minimal Trainer."""
+    """The model's training-mode loss on ``batch`` (pixels 0..255, labels) before and after one step of
+    training_step, run by a minimal Trainer."""
 
     def loss() -> float:
         model.train()
@@ -80,6 +80,16 @@ def write_mnist(data_dir: Path, n_train: int = 320, n_test: int = 120, gz: bool 
             else:
                 (raw / name).write_bytes(data)
     return data_dir
+
+
+def previous_version_checkpoint(ckpt: dict) -> dict:
+    """A checkpoint as the version before models took raw pixels wrote it: the pixel statistics as a float32
+    buffer ``pixel_stats`` among the weights (that model took normalised images), no eval_split or pixel_stats
+    among the hyperparameters."""
+    old = {**ckpt, "hyper_parameters": dict(ckpt["hyper_parameters"]), "state_dict": dict(ckpt["state_dict"])}
+    old["state_dict"]["pixel_stats"] = torch.tensor(old["hyper_parameters"].pop("pixel_stats"))
+    del old["hyper_parameters"]["eval_split"]
+    return old
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import previous_version_checkpoint
 
 from mnist_lit.evaluate import compute_metrics, main, read_scalars
 
@@ -117,15 +118,15 @@ def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
 
 def checkpoint_of_version_0_1(ckpt: dict) -> dict:
     """The layout mnist_lit 0.1 wrote (before configs): run settings among the model's hyperparameters, float64
-    pixel statistics, no config."""
-    old = {key: value for key, value in ckpt.items() if key != "config"}
+    pixel statistics among the weights, no config."""
+    old = {key: value for key, value in previous_version_checkpoint(ckpt).items() if key != "config"}
     data = ckpt["datamodule_hyper_parameters"]
     old["hyper_parameters"] = {
-        **ckpt["hyper_parameters"],
+        **old["hyper_parameters"],
         **{key: data[key] for key in ("stage", "dataset", "seed")},
         **{"recipe": "seed", "epochs": 3, "precision": "32-true", "ema_decay": 0.0},
     }
-    old["state_dict"] = {**ckpt["state_dict"], "pixel_stats": ckpt["state_dict"]["pixel_stats"].double()}
+    old["state_dict"]["pixel_stats"] = old["state_dict"]["pixel_stats"].double()
     return old
 
 
@@ -147,3 +148,20 @@ def test_checkpoints_of_version_0_1_still_evaluate_and_train_py_says_why_it_cann
     err = capsys.readouterr().err
     assert "written by mnist_lit 0.1, before configs" in err and err.count("\n") == 1
     assert not (tmp_path / "full").exists()
+
+
+def test_checkpoints_of_the_previous_version_evaluate_alike_and_the_full_stage_goes_on_from_them(
+    trained_ckpt, shared_data_dir, tmp_path
+):
+    """The version before models took raw pixels kept the statistics as a buffer among the weights."""
+    from mnist_lit.cli import main as train_main
+
+    old = tmp_path / "old.ckpt"
+    torch.save(previous_version_checkpoint(torch.load(trained_ckpt, weights_only=True)), old)
+    for ckpt, out in ((trained_ckpt, "new"), (old, "old")):
+        assert main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--out", str(tmp_path / out)]) == 0
+    figures = [json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("new", "old")]
+    assert figures[0]["confusion_matrix"] == figures[1]["confusion_matrix"] and figures[1]["count"] == 120
+    argv = ["--stage", "full", "--ckpt", str(old), "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
+    assert train_main([*argv, "--epochs", "4", "--quiet"]) == 0
+    assert json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())["count"] == 120

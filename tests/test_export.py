@@ -13,6 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import previous_version_checkpoint
 
 import mnist_lit.export
 from mnist_lit.export import CONTRACT_KEY, main
@@ -62,7 +63,7 @@ def test_export_is_checked_on_the_whole_test_set(exported):
 def test_contract_file_says_how_to_use_the_export(exported, trained_ckpt):
     export_format, out, _ = exported
     contract = json.loads(Path(f"{out}.json").read_text())
-    mean, std = load_trained(trained_ckpt).module.pixel_stats.tolist()
+    mean, std = load_trained(trained_ckpt).module.pixel_stats
     assert contract["format"] == export_format
     assert contract["input"]["name"] == "pixels"
     assert contract["input"]["shape"] == ["batch", 1, 28, 28]
@@ -97,7 +98,7 @@ def test_saved_model_runs_on_its_own_like_the_checkpoint(exported, trained_ckpt,
     images, _ = load_split(raw_dir(shared_data_dir), "test")
     pixels = images[:7].unsqueeze(1).float()  # 7: a batch size the export was not traced with
     with torch.no_grad():
-        expected = load_trained(trained_ckpt).classifier(pixels)
+        expected = load_trained(trained_ckpt).module(pixels)
         if export_format == "onnx":
             session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
             (name,) = [i.name for i in session.get_inputs()]
@@ -175,3 +176,18 @@ def test_dataset_mismatch_is_refused(trained_ckpt, shared_data_dir, tmp_path, ca
     assert run(*argv, "--dataset", "fashion_mnist") == 2
     assert error_lines(capsys) == [f"error: {trained_ckpt} was trained on mnist, not fashion_mnist"]
     assert not out.exists()
+
+
+def test_checkpoint_of_the_previous_version_exports(trained_ckpt, shared_data_dir, tmp_path):
+    """The version before models took raw pixels kept the statistics as a float32 buffer among the weights: its
+    export normalises with those."""
+    old = previous_version_checkpoint(torch.load(trained_ckpt, weights_only=True))
+    torch.save(old, tmp_path / "old.ckpt")
+    out = tmp_path / "old.pt"
+    code, printed = run_quietly(
+        "--ckpt", tmp_path / "old.ckpt", "--format", "torchscript", "--out", out, "--data-dir", shared_data_dir
+    )
+    assert code == 0, printed
+    assert CHECKED.search(printed).group(2) == "0"
+    normalisation = json.loads(Path(f"{out}.json").read_text())["input"]["normalisation"]
+    assert [normalisation["mean"], normalisation["std"]] == old["state_dict"]["pixel_stats"].tolist()

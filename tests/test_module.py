@@ -1,19 +1,22 @@
-"""mnist_lit.module: the LightningModule's training step, schedule, metrics and checkpoint loading."""
+"""mnist_lit.module: the LightningModule's input, training step, schedule, metrics and checkpoint loading."""
 
 import inspect
 from unittest.mock import patch
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from conftest import digits, loss_before_and_after_one_step
+from conftest import digits, loss_before_and_after_one_step, previous_version_checkpoint
+from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_lit.data import normalize
+from mnist_lit.data import pixel_stats
+from mnist_lit.idx import MEAN, STD
 from mnist_lit.module import MNISTLitModule, format_eval
 
 
 def batch(n=64, seed=0):
     images, labels = digits(n, seed)
-    return normalize(images), labels.long()
+    return images, labels.long()
 
 
 def test_one_training_step_lowers_the_loss():
@@ -48,7 +51,8 @@ def test_epoch_loss_is_the_mean_over_samples_and_accuracy_counts_every_sample(sh
     (each sample weighs the same); the torchmetrics objects give the epoch's values."""
     model = MNISTLitModule()
     model.log = lambda *args, **kwargs: None  # outside a Trainer: only the metric objects are checked here
-    model.net = torch.nn.Identity()  # the "net" passes its input through: log-probabilities chosen below
+    model.net = torch.nn.Identity()  # the "images" pass through: log-probabilities chosen below
+    model.preprocess = lambda images: images
     log_probs = torch.eye(3).log()
     with patch("mnist_lit.module.nll_loss", side_effect=[torch.tensor(1.0), torch.tensor(5.0)]):
         model.model_step((log_probs, torch.tensor([0, 1, 2])), "val")
@@ -62,6 +66,7 @@ def test_a_nan_loss_makes_the_epoch_loss_nan_it_is_never_dropped():
     model = MNISTLitModule()
     model.log = lambda *args, **kwargs: None
     model.net = torch.nn.Identity()
+    model.preprocess = lambda images: images
     with patch("mnist_lit.module.nll_loss", side_effect=[torch.tensor(1.0), torch.tensor(float("nan"))]):
         model.model_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), "train")
         model.model_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), "train")
@@ -69,7 +74,7 @@ def test_a_nan_loss_makes_the_epoch_loss_nan_it_is_never_dropped():
 
 
 def test_hparams_are_plain_data():
-    hparams = dict(MNISTLitModule(milestones=(3, 7), net_options={"dropout": 0.5}).hparams)
+    hparams = dict(MNISTLitModule(milestones=(3, 7), net_options={"dropout": 0.5}, pixel_stats=(0.1, 0.3)).hparams)
     assert set(hparams) == set(inspect.signature(MNISTLitModule).parameters)  # every setting is kept
     assert hparams["milestones"] == [3, 7] and hparams["net_options"] == {"dropout": 0.5}
     plain = (str, int, float, bool, list, dict, type(None))
@@ -101,3 +106,45 @@ def test_recompute_batchnorm_stats_takes_the_images_statistics_under_the_current
     inputs = torch.cat(seen).transpose(0, 1).flatten(1)  # channels x (images * pixels)
     torch.testing.assert_close(first_bn.running_mean, inputs.mean(1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first_bn.running_var, inputs.var(1), rtol=0.05, atol=1e-4)
+
+
+def test_forward_takes_pixels_as_mnist_stores_them_and_normalises_them_with_the_saved_statistics():
+    images, _ = digits(50, seed=2)
+    stats = pixel_stats(images)
+    model = MNISTLitModule(net="slim", pixel_stats=stats).eval()
+    assert model.pixel_stats == stats and MNISTLitModule().pixel_stats == (MEAN, STD)  # None: MNIST's
+    inputs = model.preprocess(images)
+    assert inputs.shape == (50, 1, 28, 28) and inputs.dtype == torch.float32
+    assert inputs.mean().item() == pytest.approx(0, abs=1e-5) and inputs.std().item() == pytest.approx(1, abs=1e-4)
+    with torch.no_grad():
+        expected = model.net(inputs)
+        for pixels in (images, images.unsqueeze(1), images.float(), images.unsqueeze(1).double()):
+            assert torch.equal(model(pixels), expected)
+    for shape in ((50, 784), (50, 28, 28, 1), (25, 2, 28, 28), (28, 28)):
+        with pytest.raises(ValueError, match="expected images of N x 28 x 28 or N x 1 x 28 x 28"):
+            model(images.reshape(shape) if shape != (28, 28) else images[0])
+
+
+def test_trainer_predict_gives_what_forward_gives():
+    torch.manual_seed(0)
+    images, labels = digits(70, seed=4)
+    model = MNISTLitModule(net="slim")  # BatchNorm: eval mode matters, and trainer.predict sets it
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for dataset in (TensorDataset(images), TensorDataset(images, labels)):  # images, or (images, labels) pairs
+        predicted = torch.cat(trainer.predict(model, dataloaders=DataLoader(dataset, batch_size=32)))
+        with torch.no_grad():
+            torch.testing.assert_close(predicted, model.eval()(images))
+        model.train()
+
+
+def test_checkpoints_of_the_previous_version_load_with_their_statistics(trained_ckpt, tmp_path):
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    old_path = tmp_path / "old.ckpt"
+    torch.save(previous_version_checkpoint(ckpt), old_path)
+    new = MNISTLitModule.load_from_checkpoint(trained_ckpt, weights_only=True).eval()
+    old = MNISTLitModule.load_from_checkpoint(old_path, weights_only=True).eval()
+    assert new.pixel_stats == tuple(ckpt["hyper_parameters"]["pixel_stats"]) != (MEAN, STD)  # the tiny data's
+    assert old.pixel_stats == pytest.approx(new.pixel_stats, rel=1e-7)  # its buffer's float32 values
+    images, _ = digits(40, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(old(images), new(images))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import digits
+from conftest import digits, previous_version_checkpoint
 from PIL import Image, ImageOps
 
 from mnist_lit.predict import CSV_COLUMNS, main, to_mnist
@@ -160,3 +160,17 @@ def test_script_missing_checkpoint(image_folder, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: checkpoint not found: {missing}"]
+
+
+def test_checkpoint_of_the_previous_version_predicts_alike(trained_ckpt, image_folder, tmp_path, capsys):
+    """The version before models took raw pixels kept the statistics as a buffer among the weights."""
+    old = tmp_path / "old.ckpt"
+    torch.save(previous_version_checkpoint(torch.load(trained_ckpt, weights_only=True)), old)
+    rows = []
+    for ckpt, out in ((trained_ckpt, tmp_path / "new.csv"), (old, tmp_path / "old.csv")):
+        files = [str(image_folder / "a.png"), str(image_folder / "b.png")]
+        assert main(["--ckpt", str(ckpt), *files, "--out", str(out)]) == 0
+        with open(out, newline="") as f:
+            rows.append([(row["predicted"], float(row["probability"])) for row in csv.DictReader(f)])
+    assert [p for p, _ in rows[0]] == [p for p, _ in rows[1]] and len(rows[1]) == 2
+    assert [q for _, q in rows[0]] == pytest.approx([q for _, q in rows[1]], abs=1e-4)
