@@ -242,9 +242,12 @@ def changed_trainer_settings(trainer_config: dict) -> dict:
     return changed
 
 
-# Where a run reads and writes, what it prints, and the project's fixed Trainer settings: not the experiment.
+# Where a run reads and writes, what it prints, the project's fixed Trainer settings, and values derived from
+# others (the full stage's length is in trainer.max_epochs, eval_split follows the stage, pixel_stats the data):
+# not the experiment.
 NOT_SETTINGS = {
     "ckpt", "save_dir", "save_freq", "quiet", "data.data_dir", "data.download", "data.eval_batch_size",
+    "full_epochs", "model.eval_split", "model.pixel_stats",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.logger", "trainer.num_sanity_val_steps",
     "trainer.use_distributed_sampler",
