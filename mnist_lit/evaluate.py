@@ -1,8 +1,9 @@
 """Where does a trained model fail? Accuracy, per-class accuracy, confusion matrix, worst mistakes, curves.
 
-``python scripts/evaluate.py --ckpt PATH [--split test|val] [--data-dir DIR] [--out DIR]`` writes
-metrics.json, confusion_matrix.png, misclassified.png and curves.png, logs the numbers and pictures to the
-checkpoint's run in TensorBoard (when it sits in one), and prints a table.
+``python scripts/evaluate.py --ckpt PATH [PATH ...] [--tta N] [--split test|val] [--data-dir DIR] [--out DIR]``
+writes metrics.json, confusion_matrix.png, misclassified.png and curves.png, logs the numbers and pictures to the
+checkpoint's run in TensorBoard (when it sits in one), and prints a table. Several checkpoints are evaluated
+each alone and as one ensemble (the mean of their probabilities); the pictures are the ensemble's.
 """
 
 import bisect
@@ -18,20 +19,32 @@ from mnist_lit.callbacks import tensorboard_tag
 from mnist_lit.data import DATA_DIR, MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, NUM_CLASSES, ensure_raw_files
-from mnist_lit.inference import Trained, classify, load_trained, run_settings
+from mnist_lit.inference import Trained, classify, load_members, mean_probability, predictor, run_settings
+
+SPLIT_SETTINGS = ("val_fraction", "seed", "folds", "fold")  # what decides which images an initial stage validates on
 
 
-def split_data(trained: Trained, data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images and labels of ``split``; 'val' is the checkpoint's own initial-stage validation split."""
-    if split == "val" and trained.stage == "full":
-        raise UserError(
-            f"{trained.path} is a full-stage model, trained on all training images: its 'val' split is training "
-            "data; use --split test"
-        )
-    data = run_settings(trained.ckpt)
-    ensure_raw_files(data_dir, trained.dataset)
-    split_settings = {key: data[key] for key in ("val_fraction", "seed") if key in data}
-    datamodule = MNISTDataModule(str(data_dir), trained.dataset, "initial", **split_settings)
+def split_data(members: list[Trained], data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of ``split``; 'val' is the checkpoints' own initial-stage validation split, which
+    must be the same for all of them."""
+    first = members[0]
+    if split == "val":
+        for member in members:
+            if member.stage == "full":
+                raise UserError(
+                    f"{member.path} is a full-stage model, trained on all training images: its 'val' split is "
+                    "training data; use --split test"
+                )
+        splits = {tuple(run_settings(member.ckpt).get(key) for key in SPLIT_SETTINGS) for member in members}
+        if len(splits) > 1:
+            raise UserError(
+                "the checkpoints were validated on different splits (their seed, val_fraction or fold differ): one "
+                "member's validation images are another's training images; evaluate them one by one, or on --split test"
+            )
+    data = run_settings(first.ckpt)
+    ensure_raw_files(data_dir, first.dataset)
+    split_settings = {key: data[key] for key in SPLIT_SETTINGS if data.get(key) is not None}
+    datamodule = MNISTDataModule(str(data_dir), first.dataset, "initial", **split_settings)
     if split == "test":
         return datamodule.test_set  # reads the test files only
     datamodule.setup()
@@ -47,10 +60,10 @@ def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tupl
     return {
         "count": len(labels),
         "correct": correct,
-        "accuracy": correct / len(labels),
+        "acc": correct / len(labels),
         "loss": torch.nn.functional.nll_loss(log_probs, labels).item(),
         "per_class": {
-            name: {"count": int(counts[i]), "correct": int(confusion[i, i]), "accuracy": per_class[i].item()}
+            name: {"count": int(counts[i]), "correct": int(confusion[i, i]), "acc": per_class[i].item()}
             for i, name in enumerate(classes)
         },
         "confusion_matrix": confusion.tolist(),
@@ -171,49 +184,75 @@ def new_out_dir(base: Path) -> Path:
 
 
 def format_table(metrics: dict, title: str) -> str:
-    lines = [title, f"{'class':>12s} {'count':>6s} {'correct':>7s} {'acc %':>7s}"]
+    lines = [title]
+    if len(metrics["members"]) > 1:
+        lines.append(f"{'member':>12s} {'count':>6s} {'correct':>7s} {'acc %':>7s}  checkpoint")
+        for i, member in enumerate(metrics["members"], 1):
+            row = f"{i:12d} {metrics['count']:6d} {member['correct']:7d} {100 * member['acc']:7.2f}"
+            lines.append(f"{row}  {member['ckpt']}")
+        lines.append(f"{'ensemble':>12s} {metrics['count']:6d} {metrics['correct']:7d} {100 * metrics['acc']:7.2f}")
+        lines.append("the ensemble's classes:")
+    lines.append(f"{'class':>12s} {'count':>6s} {'correct':>7s} {'acc %':>7s}")
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:>12s} {row['count']:6d} {row['correct']:7d} {100 * row['accuracy']:7.2f}")
-    lines.append(f"{'all':>12s} {metrics['count']:6d} {metrics['correct']:7d} {100 * metrics['accuracy']:7.2f}")
+        lines.append(f"{name:>12s} {row['count']:6d} {row['correct']:7d} {100 * row['acc']:7.2f}")
+    lines.append(f"{'all':>12s} {metrics['count']:6d} {metrics['correct']:7d} {100 * metrics['acc']:7.2f}")
     lines.append(f"mean loss {metrics['loss']:.4f}")
     return "\n".join(lines)
 
 
-def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str | None) -> Path:
-    trained = load_trained(ckpt, dataset)
-    images, labels = split_data(trained, data_dir, split)
-    log_probs = classify(trained.module, images)
-    metrics = {"checkpoint": str(trained.path), "dataset": trained.dataset, "split": split}
-    metrics.update(compute_metrics(log_probs, labels, trained.classes))
-    run = trained.run_dir  # None for a checkpoint outside a run folder: no curves, no TensorBoard logging
-    where = f"{run.parent.name}/{run.name}/{trained.path.name}" if run else str(trained.path)
-    title = f"{trained.dataset} {split}, {where}"
+def log_to_run(trained: Trained, split: str, metrics: dict, figures: dict[str, Figure]) -> None:
+    """Add the evaluation to the checkpoint's run in TensorBoard, at the checkpoint's step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = trained.ckpt.get("global_step", 0)
+    with SummaryWriter(str(trained.run_dir)) as writer:  # adds an events file; earlier ones stay as they are
+        # beside the run's curves (acc/test ...); the rest in a group that sorts after them (tensorboard_tag)
+        writer.add_scalar(f"acc/eval_{split}", metrics["acc"], step)
+        writer.add_scalar(f"loss/eval_{split}", metrics["loss"], step)
+        for name, row in metrics["per_class"].items():
+            writer.add_scalar(f"{split}_eval/acc_per_class/{name}", row["acc"], step)
+        for name, fig in figures.items():
+            if name != "curves":
+                writer.add_figure(f"{split}_eval/{name}", fig, step)
+
+
+def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, dataset: str | None, tta: int = 1) -> Path:
+    """Evaluate one checkpoint, or several each alone and as one ensemble; returns the output folder."""
+    members = load_members(ckpts, dataset)
+    first = members[0]
+    images, labels = split_data(members, data_dir, split)
+    member_log_probs = [classify(predictor([member], tta), images) for member in members]
+    log_probs = mean_probability(member_log_probs) if len(members) > 1 else member_log_probs[0]
+    metrics = {"dataset": first.dataset, "split": split, "tta": tta}
+    metrics.update(compute_metrics(log_probs, labels, first.classes))
+    metrics["members"] = [
+        {"ckpt": str(member.path), "acc": correct / len(labels), "correct": correct}
+        for member, correct in ((m, int((lp.argmax(1) == labels).sum())) for m, lp in zip(members, member_log_probs))
+    ]
+    # A single checkpoint in a run folder: its evaluation goes into the run (curves, TensorBoard); anything else
+    # (an ensemble, a loose checkpoint) beside it or in the current folder.
+    run = first.run_dir if len(members) == 1 else None
+    views = f", TTA {tta} views" if tta > 1 else ""
+    if len(members) > 1:
+        title = f"{first.dataset} {split}, ensemble of {len(members)}{views}"
+    else:
+        where = f"{run.parent.name}/{run.name}/{first.path.name}" if run else str(first.path)
+        title = f"{first.dataset} {split}, {where}{views}"
     figures = {
-        "confusion_matrix": confusion_figure(metrics, trained.classes, title),
-        "misclassified": misclassified_figure(images, labels, log_probs, trained.classes, title),
+        "confusion_matrix": confusion_figure(metrics, first.classes, title),
+        "misclassified": misclassified_figure(images, labels, log_probs, first.classes, title),
     }
     curves = curves_figure(run_chain(run)) if run else None
     if curves:
         figures["curves"] = curves
-    home = run or trained.path.resolve().parent  # a loose checkpoint's evaluation goes beside it
-    out_dir = new_out_dir(Path(out) if out else home / "evaluation" / f"{trained.path.stem}-{split}")
+    name = f"{first.path.stem if len(members) == 1 else 'ensemble'}-{split}" + (f"-tta{tta}" if tta > 1 else "")
+    home = run or (first.path.resolve().parent if len(members) == 1 else Path.cwd())
+    out_dir = new_out_dir(Path(out) if out else home / "evaluation" / name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for name, fig in figures.items():
         fig.savefig(out_dir / f"{name}.png", dpi=110)
-
     if run:
-        from torch.utils.tensorboard import SummaryWriter
-
-        step = trained.ckpt.get("global_step", 0)
-        with SummaryWriter(str(run)) as writer:  # adds an events file; earlier ones stay as they are
-            # beside the run's curves (acc/test ...); the rest in a group that sorts after them (tensorboard_tag)
-            writer.add_scalar(f"acc/eval_{split}", metrics["accuracy"], step)
-            writer.add_scalar(f"loss/eval_{split}", metrics["loss"], step)
-            for name, row in metrics["per_class"].items():
-                writer.add_scalar(f"{split}_eval/acc_per_class/{name}", row["accuracy"], step)
-            for name, fig in figures.items():
-                if name != "curves":
-                    writer.add_figure(f"{split}_eval/{name}", fig, step)
+        log_to_run(first, split, metrics, figures)
     print(format_table(metrics, title))
     print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir()))} to {out_dir}")
     return out_dir
@@ -221,16 +260,25 @@ def evaluate(ckpt: str, split: str, data_dir: str, out: str | None, dataset: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
+    parser.add_argument(
+        "--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
+        help="checkpoint to evaluate; several: each alone and their ensemble (mean of the probabilities)",
+    )  # fmt: skip
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
+    parser.add_argument(
+        "--tta", type=int, default=1, metavar="N",
+        help="test-time augmentation: average over the first N of a fixed set of small shifts, rotations and "
+        "zooms, chosen on the validation split (default 1: off)",
+    )  # fmt: skip
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder that holds the dataset's raw/ files")
     parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoint's (default: its own)")
     parser.add_argument(
-        "--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>, or beside a checkpoint kept elsewhere)"
-    )
+        "--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>, beside a checkpoint kept elsewhere, "
+        "or ./evaluation/ensemble-<split> for several)",
+    )  # fmt: skip
 
     def body():
         args = parser.parse_args(argv)
-        evaluate(args.ckpt, args.split, args.data_dir, args.out, args.dataset)
+        evaluate(args.ckpt, args.split, args.data_dir, args.out, args.dataset, args.tta)
 
     return exit_code(body)

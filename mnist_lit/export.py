@@ -1,4 +1,5 @@
-"""Export a checkpoint's model (its normalisation inside) to ONNX or TorchScript, with its input contract.
+"""Export a checkpoint's model (its normalisation inside), or an ensemble of several, to ONNX or TorchScript, with
+its input contract.
 
 Every export is checked against the checkpoint on the whole test set of its dataset before it is kept:
 it is written as ``FILE.part`` and only renamed to ``FILE`` (with the contract in ``FILE.json``) if all
@@ -20,7 +21,7 @@ from torch import nn
 from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
-from mnist_lit.inference import Trained, classify, load_trained
+from mnist_lit.inference import Ensemble, Trained, classify, load_members, predictor
 from mnist_lit.module import MNISTLitModule
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
@@ -32,12 +33,15 @@ Run = Callable[[torch.Tensor], torch.Tensor]  # float pixels (N, 1, 28, 28) -> l
 
 
 class Traced(nn.Module):
-    """What is exported: the model's own forward (its preprocessing and net), with only the net as a submodule;
-    tracing the LightningModule whole would also walk its metrics and ask for its Trainer."""
+    """What is exported: the model's own forward (its preprocessing and net; an ensemble's mean over its members),
+    with only the nets as submodules; tracing a LightningModule whole would also walk its metrics and ask for its
+    Trainer."""
 
-    def __init__(self, model: MNISTLitModule):
+    def __init__(self, model: MNISTLitModule | Ensemble):
         super().__init__()
-        self.net, self.run = model.net, model.forward  # a bound method is no submodule; the net's weights are shared
+        members = model.members if isinstance(model, Ensemble) else [model]
+        self.nets = nn.ModuleList(member.net for member in members)  # the weights are shared with the model
+        self.run = model.forward  # a bound method is no submodule
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.run(pixels)
@@ -48,9 +52,15 @@ def contract_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def build_contract(trained: Trained, export_format: str) -> dict:
-    """What a user of the exported file must know: input, output, classes, where it came from."""
+def build_contract(members: list[Trained], export_format: str) -> dict:
+    """What a user of the exported file must know: input, output, classes, where it came from. For an ensemble,
+    the members' statistics, nets and checkpoints are lists."""
+    trained = members[0]
     folder = dataset_spec(trained.dataset).folder
+
+    def each(value_of):
+        return value_of(trained) if len(members) == 1 else [value_of(member) for member in members]
+
     return {
         "format": export_format,
         "input": {
@@ -62,8 +72,8 @@ def build_contract(trained: Trained, export_format: str) -> dict:
             "28x28; MNIST digits are size-normalised and centred by their centre of mass",
             "normalisation": {
                 "inside": True,
-                "mean": trained.module.pixel_stats[0],
-                "std": trained.module.pixel_stats[1],
+                "mean": each(lambda member: member.module.pixel_stats[0]),
+                "std": each(lambda member: member.module.pixel_stats[1]),
                 "formula": "(pixels / 255 - mean) / std",
             },
         },
@@ -71,12 +81,13 @@ def build_contract(trained: Trained, export_format: str) -> dict:
             "name": OUTPUT_NAME,
             "shape": ["batch", NUM_CLASSES],
             "dtype": "float32",
-            "content": "log-probabilities: exp() gives the class probabilities, argmax the predicted class",
+            "content": "log-probabilities: exp() gives the class probabilities, argmax the predicted class"
+            + ("; of the members' mean probability" if len(members) > 1 else ""),
         },
         "classes": list(trained.classes),
         "dataset": trained.dataset,
-        "net": trained.ckpt["hyper_parameters"].get("net"),
-        "checkpoint": str(trained.path.resolve()),
+        "net": each(lambda member: member.ckpt["hyper_parameters"].get("net")),
+        "checkpoint": each(lambda member: str(member.path.resolve())),
     }
 
 
@@ -148,20 +159,21 @@ def export(args: argparse.Namespace) -> dict:
     existing = [path for path in (out, contract_path(out)) if path.exists()]
     if existing and not args.force:
         raise UserError(f"{existing[0]} exists; pass --force to replace it")
-    trained = load_trained(args.ckpt, args.dataset)
+    members = load_members(args.ckpt, args.dataset)
+    trained, model = members[0], predictor(members)
     ensure_raw_files(args.data_dir, trained.dataset)
     images, labels = load_split(raw_dir(args.data_dir, trained.dataset), "test", trained.dataset)
-    contract = build_contract(trained, args.format)
+    contract = build_contract(members, args.format)
     contract_text = json.dumps(contract, indent=2) + "\n"
     save, load = FORMATS[args.format]
     partial = out.with_name(out.name + ".part")
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            save(Traced(trained.module), partial, contract_text)
+            save(Traced(model).eval(), partial, contract_text)
         except OSError as err:
             raise UserError(f"cannot write {partial}: {err.strerror or err}") from None
-        reference = classify(trained.module, images, BATCH_SIZE)
+        reference = classify(model, images, BATCH_SIZE)
         exported = classify(load(partial), images, BATCH_SIZE)
         differing, max_abs_diff = compare(reference, exported)
         correct = int((exported.argmax(1) == labels).sum())
@@ -186,9 +198,13 @@ def export(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="export.py",
-        description="Export a checkpoint to ONNX or TorchScript, checked against it on the full test set.",
+        description="Export a checkpoint, or the ensemble of several, to ONNX or TorchScript, checked against it "
+        "on the full test set.",
     )
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="the checkpoint to export")
+    p.add_argument(
+        "--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
+        help="the checkpoint to export; several: one graph of their ensemble (mean of the probabilities)",
+    )  # fmt: skip
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")
     p.add_argument(

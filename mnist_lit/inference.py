@@ -1,13 +1,18 @@
-"""Using a trained model outside training: read a checkpoint safely, rebuild the model, classify pixels."""
+"""Using a trained model outside training: read a checkpoint safely, rebuild the model, classify pixels; several
+checkpoints as one ensemble, and test-time augmentation."""
 
 import inspect
+import math
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from mnist_lit.augment import TTA_VIEWS, tta_view
 from mnist_lit.errors import UserError
 from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
@@ -99,3 +104,45 @@ def classify(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tenso
     """Log-probabilities of pixel images (N x 28 x 28, any dtype, 0..255) from ``model`` (an MNISTLitModule in
     eval mode, or any callable with an export's contract), fed as float32 N x 1 x 28 x 28 in batches."""
     return torch.cat([model(batch.reshape(-1, 1, *batch.shape[-2:]).float()) for batch in images.split(batch_size)])
+
+
+def load_members(paths: Sequence, dataset: str | None = None) -> list[Trained]:
+    """The models of one or more checkpoints (an ensemble's members), which must agree on the dataset (and so on
+    the classes); their nets may differ."""
+    paths = [Path(path) for path in paths]
+    twice = next((path for i, path in enumerate(paths) if path.resolve() in {p.resolve() for p in paths[:i]}), None)
+    if twice:
+        raise UserError(f"{twice} is given twice: each checkpoint counts once in an ensemble")
+    members = [load_trained(path, dataset) for path in paths]
+    if len({member.dataset for member in members}) > 1:
+        found = ", ".join(f"{member.path}: {member.dataset}" for member in members)
+        raise UserError(f"the checkpoints were trained on different datasets ({found}); an ensemble needs one")
+    return members
+
+
+def mean_probability(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean of the probabilities of K models: K tensors of N x C log-probabilities -> N x C."""
+    return torch.stack(list(log_probs)).logsumexp(0) - math.log(len(log_probs))
+
+
+class Ensemble(nn.Module):
+    """Models as one: the mean of their class probabilities, each model seeing the first ``views`` test-time
+    views of the images (``augment.TTA_VIEWS``). Takes pixels and returns log-probabilities, as one model does."""
+
+    def __init__(self, models: Sequence[nn.Module], views: int = 1):
+        super().__init__()
+        if not 1 <= views <= len(TTA_VIEWS):
+            raise UserError(f"--tta must be between 1 (off) and {len(TTA_VIEWS)} views (got {views})")
+        self.members = nn.ModuleList(models)
+        self.views = TTA_VIEWS[:views]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        log_probs = [member(tta_view(images, view)) for member in self.members for view in self.views]
+        return mean_probability(log_probs)
+
+
+def predictor(members: Sequence[Trained], tta: int = 1) -> nn.Module:
+    """What classifies: a checkpoint's own model, or an Ensemble of several, or with test-time augmentation."""
+    if len(members) == 1 and tta == 1:
+        return members[0].module
+    return Ensemble([member.module for member in members], tta).eval()

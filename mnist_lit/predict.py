@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE
-from mnist_lit.inference import Trained, classify, load_trained
+from mnist_lit.inference import classify, load_members, predictor
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20, keeping its aspect ratio, then centred it in 28x28
 CANVAS_CENTRE = IMAGE_SIZE / 2  # where MNIST's centres of mass lie: (14.0, 14.0) on average over its test set
@@ -125,8 +125,9 @@ def read_image(path: Path) -> Image.Image:
     raise UserError(f"{path}: not a readable image ({reason})")
 
 
-def predict_files(trained: Trained, paths) -> tuple[list[Prediction], list[str]]:
-    """Predictions for the readable images among ``paths`` (files or folders), and one message per unreadable file."""
+def predict_files(model, classes: tuple[str, ...], paths) -> tuple[list[Prediction], list[str]]:
+    """Predictions of ``model`` (pixels -> log-probabilities) for the readable images among ``paths`` (files or
+    folders), and one message per unreadable file."""
     files, digits, errors = [], [], []
     for path in image_files(paths):
         try:
@@ -137,11 +138,11 @@ def predict_files(trained: Trained, paths) -> tuple[list[Prediction], list[str]]
         files.append(path)
     if not digits:
         return [], errors
-    log_probs = classify(trained.module, torch.stack(digits))
+    log_probs = classify(model, torch.stack(digits))
     top_probs, top_labels = log_probs.exp().topk(3, dim=1)
     predictions = []
     for path, probs, labels in zip(files, top_probs.tolist(), top_labels.tolist()):
-        top3 = [(trained.classes[label], prob) for label, prob in zip(labels, probs)]
+        top3 = [(classes[label], prob) for label, prob in zip(labels, probs)]
         predictions.append(Prediction(str(path), top3[0][0], top3[0][1], top3))
     return predictions, errors
 
@@ -170,7 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         "light-on-dark) with a trained checkpoint. Each image is prepared as MNIST's digits were: grayscale, "
         "white on black, cropped to the digit, scaled into 20x20, centred by mass in 28x28.",
     )
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="the checkpoint to use, e.g. a last.ckpt")
+    # One path per --ckpt (given again for an ensemble), so that the image paths can follow it.
+    p.add_argument(
+        "--ckpt", required=True, action="append", metavar="PATH",
+        help="the checkpoint to use, e.g. a last.ckpt; given several times (--ckpt A --ckpt B): their ensemble, "
+        "the mean of their probabilities",
+    )  # fmt: skip
+    p.add_argument(
+        "--tta", type=int, default=1, metavar="N",
+        help="test-time augmentation: average over the first N of evaluate.py's views (default 1: off)",
+    )  # fmt: skip
     p.add_argument(
         "paths", nargs="+", metavar="FILE_OR_FOLDER", help="images, or folders: their image files (not subfolders)"
     )
@@ -187,8 +197,8 @@ def predict(args: argparse.Namespace) -> list[str]:
     files = image_files(args.paths)
     if not files:
         raise UserError(f"no image files found in {', '.join(args.paths)}")
-    trained = load_trained(args.ckpt, args.dataset)
-    predictions, errors = predict_files(trained, files)
+    members = load_members(args.ckpt, args.dataset)
+    predictions, errors = predict_files(predictor(members, args.tta), members[0].classes, files)
     for message in errors:
         print(message, file=sys.stderr)
     if not predictions:

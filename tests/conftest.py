@@ -25,6 +25,16 @@ from mnist_lit.idx import FILES, raw_dir
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``, setup.cfg), the workers share the cores: each would otherwise start a torch
+    thread per core, and oversubscribed OpenMP threads wait on each other (a bf16 epoch ran 50x slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts the tests start
+        torch.set_num_threads(threads)
+
+
 def idx_bytes(array: torch.Tensor) -> bytes:
     """The IDX encoding of a uint8 tensor: magic 0x0800 + ndim, big-endian dimensions, then the bytes."""
     header = (0x800 + array.dim()).to_bytes(4, "big")

@@ -15,8 +15,8 @@ def test_compute_metrics_counts_and_confusion():
     log_probs = torch.nn.functional.one_hot(predicted, 10).float().add(1e-3).log()
     metrics = compute_metrics(log_probs, labels, tuple("0123456789"))
     assert (metrics["count"], metrics["correct"]) == (6, 4)
-    assert metrics["accuracy"] == pytest.approx(4 / 6)
-    assert metrics["per_class"]["2"] == {"count": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}
+    assert metrics["acc"] == pytest.approx(4 / 6)
+    assert metrics["per_class"]["2"] == {"count": 3, "correct": 2, "acc": pytest.approx(2 / 3)}
     assert metrics["confusion_matrix"][0][:3] == [1, 1, 0] and metrics["confusion_matrix"][2][:3] == [1, 0, 2]
 
 
