@@ -29,6 +29,11 @@ is reported, with the ratio to ``plain`` and, where it ran, to ``bare_auto`` (th
 seconds per epoch, milliseconds per training step (the whole run's time over its steps) and the seconds per epoch
 over the plain loop (Lightning's own parity test allows 0.3 s).
 
+``--marginal`` (with ``--epochs`` 2 or more) also runs every variant for 1 epoch in each round and reports the
+cost of the epochs after the first, ``(time of EPOCHS epochs - time of 1 epoch)`` over their steps: the per-step
+cost with a run's one-time costs (parsing the settings, TensorBoard's import, the run folder, the first epoch's
+warm-up) taken out; ratios again as the median of each round's own.
+
 ``--accelerator gpu``: every variant on one CUDA GPU, each split moved to the GPU once and every batch cut out
 there (the plain loop draws its permutation there too), accuracies counted on the device and read once; CUDA's
 start-up is inside every timing alike. Use ``--epochs 3`` or more there: an epoch takes about a second.
@@ -324,7 +329,10 @@ def benchmark(
     protocol: bool,
     net_name: str = "lenet",
     accelerator: str = "cpu",
+    marginal: bool = False,
 ) -> dict:
+    if marginal and (protocol or epochs < 2):
+        raise UserError("--marginal needs --epochs 2 or more, and no --protocol")
     if protocol and set(NO_PROTOCOL) & set(variants):
         raise UserError("obvious, bare and bare_auto have no --protocol mode: leave them out of --variants")
     if accelerator == "gpu" and not torch.cuda.is_available():
@@ -340,10 +348,14 @@ def benchmark(
         # every variant alike.
         for variant in variants if round_ % 2 else variants[::-1]:
             result = run_child(variant, data_dir, epochs, protocol, net_name, accelerator)
+            if marginal:
+                result["seconds_1_epoch"] = run_child(variant, data_dir, 1, False, net_name, accelerator)["seconds"]
+                result["marginal_seconds"] = result["seconds"] - result["seconds_1_epoch"]
             runs[variant].append(result)
             print(
                 f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
-                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
+                f"peak RSS {result['peak_rss_mb']:.0f} MiB"
+                + (f"  (1 epoch: {result['seconds_1_epoch']:.2f} s)" if marginal else ""),
                 flush=True,
             )
     summary = {}
@@ -377,6 +389,13 @@ def benchmark(
             ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f}; {figures['extra_s_per_epoch']:+.2f} s/epoch)"
         if to_bare_auto:
             ratio += f"  {figures['ratio_to_bare_auto']:5.3f}x bare_auto"
+        if marginal:
+            figures.update(marginal_figures(results, runs, steps - steps // epochs))
+            ratio += f"\n  {'':14s} after the first epoch: {figures['marginal_ms_per_step']:6.3f} ms/step"
+            if "plain" in runs:
+                ratio += f"  {figures['marginal_extra_ms_per_step_over_plain']:+.3f} ms/step over plain"
+            if "bare_auto" in runs:
+                ratio += f"  {figures['marginal_ratio_to_bare_auto']:5.3f}x bare_auto"
         print(
             f"  {variant:14s} {figures['seconds_per_epoch']:7.2f} s/epoch  {figures['ms_per_step']:6.2f} ms/step  "
             f"{ratio}  peak RSS {figures['peak_rss_mb']:.0f} MiB"
@@ -399,6 +418,23 @@ def benchmark(
     return report
 
 
+def marginal_figures(results: list[dict], runs: dict[str, list[dict]], steps: int) -> dict:
+    """Per-step figures of the epochs after the first (``steps`` of them), medians over the rounds; the ratio to
+    bare_auto and the difference to plain are the medians of each round's own."""
+
+    def per_step(result: dict) -> float:
+        return 1000 * result["marginal_seconds"] / steps
+
+    figures = {"marginal_ms_per_step": statistics.median(map(per_step, results))}
+    if "plain" in runs:
+        extra = [per_step(r) - per_step(ref) for r, ref in zip(results, runs["plain"])]
+        figures["marginal_extra_ms_per_step_over_plain"] = statistics.median(extra)
+    if "bare_auto" in runs:
+        ratios = [per_step(r) / per_step(ref) for r, ref in zip(results, runs["bare_auto"])]
+        figures["marginal_ratio_to_bare_auto"] = statistics.median(ratios)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="holds MNIST/raw/")
@@ -412,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=VARIANTS,
         help="default: plain ours bare bare_auto obvious (--protocol: plain ours)",
+    )
+    parser.add_argument(
+        "--marginal", action="store_true", help="also time 1 epoch: the per-step cost after a run's one-time costs"
     )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -430,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
         variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "bare_auto", "obvious"])
         benchmark(
-            args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net, args.accelerator
-        )
+            args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net, args.accelerator,
+            args.marginal,
+        )  # fmt: skip
         return 0
 
     return exit_code(body)

@@ -71,9 +71,10 @@ def resolve_ckpt(name: str, save_dir, stage: str = "initial") -> Path:
 def snapshot_code(run_dir: Path) -> None:
     """Copy the package's and the scripts' code (.py, .sh) into run_dir/code, as the original project did."""
     for src in (PACKAGE_DIR, PACKAGE_DIR.parent / "scripts"):
-        for file in sorted([*src.glob("*.py"), *src.glob("*.sh")]):
-            (run_dir / "code" / src.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, run_dir / "code" / src.name / file.name)
+        for file in sorted([*src.rglob("*.py"), *src.rglob("*.sh")]):
+            copy = run_dir / "code" / src.name / file.relative_to(src)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, copy)
 
 
 class TqdmHandler(logging.Handler):

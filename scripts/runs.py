@@ -8,7 +8,7 @@ its database alone (e.g. the PostgreSQL database of a sweep on several machines)
 
 import sys
 
-from mnist_lit.table import main
+from mnist_lit.experiments.table import main
 
 if __name__ == "__main__":
     sys.exit(main())

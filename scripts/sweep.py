@@ -8,7 +8,7 @@ interrupted ones resume); at the end the runs table grouped by the swept setting
 
 import sys
 
-from mnist_lit.sweep import main
+from mnist_lit.experiments.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

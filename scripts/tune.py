@@ -8,7 +8,7 @@ the same command with a shared --storage URL and --study NAME on other machines.
 
 import sys
 
-from mnist_lit.tune import main
+from mnist_lit.experiments.tune import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,12 +70,25 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     assert (tmp_path / "b.json").read_text() == "earlier figures"
 
 
-def test_the_linear_net_runs_in_every_timed_variant(shared_data_dir, tmp_path):
+def test_the_linear_net_runs_in_every_timed_variant_and_the_cost_after_the_first_epoch(shared_data_dir, tmp_path):
     variants = ["plain", "ours", "bare", "bare_auto"]
-    report = benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), False, net_name="linear")
+    out = str(tmp_path / "b.json")
+    report = benchmark(str(shared_data_dir), 2, 1, variants, out, False, net_name="linear", marginal=True)
     check_report(report, variants)
     assert report["net"] == "linear"
     assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all four
+    for figures in report["variants"].values():
+        (result,) = figures["rounds"]
+        assert result["marginal_seconds"] == result["seconds"] - result["seconds_1_epoch"]
+        steps_after_the_first_epoch = report["steps"] // 2
+        assert figures["marginal_ms_per_step"] == 1000 * result["marginal_seconds"] / steps_after_the_first_epoch
+    assert report["variants"]["bare_auto"]["marginal_ratio_to_bare_auto"] == 1.0
+    assert report["variants"]["plain"]["marginal_extra_ms_per_step_over_plain"] == 0.0
+
+
+def test_marginal_needs_two_epochs(shared_data_dir, tmp_path, capsys):
+    assert main(["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json"), "--marginal"]) == 2
+    assert capsys.readouterr().err == "error: --marginal needs --epochs 2 or more, and no --protocol\n"
 
 
 def test_accelerator_gpu_without_cuda_is_one_line(shared_data_dir, tmp_path, capsys, monkeypatch):

@@ -49,6 +49,7 @@ def test_initial_run_writes_checkpoints_logs_and_code(initial_run):
     assert (config["data"]["batch_size"], config["trainer"]["max_epochs"], config["recipe"]) == (64, 4, "seed")
     assert "--milestones 2 3" in (run_dir / "command.txt").read_text()
     assert (run_dir / "code" / "mnist_lit" / "data.py").is_file()
+    assert (run_dir / "code" / "mnist_lit" / "experiments" / "sweep.py").is_file()  # sub-packages too
     assert (run_dir / "code" / "scripts" / "train.py").is_file()
     assert (run_dir / "code" / "scripts" / "run_all.sh").is_file()
     # TensorBoard: metric-first tags (its pages open on acc and loss), one point per epoch; no epoch or count chart

@@ -1,6 +1,6 @@
-"""mnist_lit.launch: several workers on one study never take the same waiting trial (on sqlite, the race that made
-tune.py's two workers run an enqueued trial twice, optuna/optuna#4002; PostgreSQL locks the row: SELECT ... FOR
-UPDATE)."""
+"""mnist_lit.experiments.launch: several workers on one study never take the same waiting trial (on sqlite, the
+race that made tune.py's two workers run an enqueued trial twice, optuna/optuna#4002; PostgreSQL locks the row:
+SELECT ... FOR UPDATE)."""
 
 import collections
 import subprocess
@@ -10,7 +10,7 @@ import optuna
 
 WORKER = """
 import sys, optuna
-from mnist_lit import launch
+from mnist_lit.experiments import launch
 study = optuna.load_study(study_name="q", storage=launch.open_storage(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()  # all workers ask at once

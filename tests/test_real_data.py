@@ -43,13 +43,22 @@ def test_one_real_epoch_learns(tmp_path):
     assert results["acc"] > 0.95  # one epoch of the original recipe reaches about 96 %
 
 
-def test_a_loaded_model_takes_the_test_images_as_mnist_stores_them(tmp_path):
-    """One epoch of the fast recipe; then the model loaded as the README shows, fed the uint8 test images, counts
-    what evaluate.py and trainer.predict count; Lightning's validation of it with the run's precision and no data
-    statistics given counts what the run counted."""
-    assert main(["--recipe", "fast", "--epochs", "1", "--data-dir", str(REAL_DATA), "--save-dir", str(tmp_path),
-                 "--quiet"]) == 0  # fmt: skip
-    run_dir = tmp_path / "initial" / "version_0"
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory) -> list[Path]:
+    """Two one-epoch runs of the fast recipe, seeds 0 and 1 (in float32: its bf16 runs ~20x slower on CPUs without
+    bf16 units); their run folders."""
+    save_dir = tmp_path_factory.mktemp("fast")
+    fast = ["--recipe", "fast", "--epochs", "1", "--precision", "32-true", "--data-dir", str(REAL_DATA), "--quiet"]
+    for seed in (0, 1):
+        assert main([*fast, "--seed", str(seed), "--save-dir", str(save_dir / str(seed))]) == 0
+    return [save_dir / str(seed) / "initial" / "version_0" for seed in (0, 1)]
+
+
+def test_a_loaded_model_takes_the_test_images_as_mnist_stores_them(fast_runs):
+    """The model loaded as the README shows, fed the uint8 test images, counts what evaluate.py and trainer.predict
+    count; Lightning's validation of it with the run's precision and no data statistics given counts what the run
+    counted."""
+    run_dir = fast_runs[0]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     model = MNISTLitModule.load_from_checkpoint(ckpt, weights_only=True).eval()
     images, labels = load_split(raw_dir(REAL_DATA), "test")
@@ -62,9 +71,25 @@ def test_a_loaded_model_takes_the_test_images_as_mnist_stores_them(tmp_path):
     quiet = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     predicted = torch.cat(pl.Trainer(**quiet).predict(model, DataLoader(TensorDataset(images), batch_size=1000)))
     assert int((predicted.argmax(1) == labels).sum()) == correct
-    precision = yaml.safe_load((ROOT / "configs" / "fast.yaml").read_text())["trainer"]["precision"]
-    validator = pl.Trainer(precision=precision, **quiet)  # the recipe's: the run validated under it
+    precision = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"]
+    validator = pl.Trainer(precision=precision, **quiet)  # the run's: it validated under it
     validator.validate(model, datamodule=MNISTDataModule(str(REAL_DATA)), verbose=False)
     results = json.loads((run_dir / "results.json").read_text())
     count = int(validator.callback_metrics["val/count"])
     assert (round(float(validator.callback_metrics["val/acc"]) * count), count) == (results["correct"], 6000)
+
+
+def test_an_ensemble_of_two_real_checkpoints_counts_what_their_averaged_softmax_counts(fast_runs, tmp_path, capsys):
+    ckpts = [run_dir / "checkpoints" / "last.ckpt" for run_dir in fast_runs]
+    out = tmp_path / "ensemble"
+    assert evaluate.main(["--ckpt", *map(str, ckpts), "--data-dir", str(REAL_DATA), "--out", str(out)]) == 0
+    images, labels = load_split(raw_dir(REAL_DATA), "test")
+    with torch.no_grad():
+        probs = [MNISTLitModule.load_from_checkpoint(c, weights_only=True).eval()(images).softmax(1) for c in ckpts]
+    by_hand = [int((p.argmax(1) == labels).sum()) for p in (*probs, (probs[0] + probs[1]) / 2)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["correct"] for m in metrics["members"]] + [metrics["correct"]] == by_hand
+    assert metrics["count"] == 10000 and by_hand[2] > 9700
+    table = capsys.readouterr().out
+    for row, correct in zip(("1 ", "2 ", "ensemble "), by_hand):
+        assert any(line.split()[:3] == [row.strip(), "10000", str(correct)] for line in table.splitlines() if line)

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mnist_lit import sweep, table, tune
+from mnist_lit.experiments import sweep, table, tune
 
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE.parent / "scripts" / "sweep.py"

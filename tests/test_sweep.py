@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mnist_lit import sweep
+from mnist_lit.experiments import sweep
 
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE.parent / "scripts" / "sweep.py"

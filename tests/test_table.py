@@ -1,5 +1,5 @@
-"""mnist_lit.table and scripts/runs.py: run folders made by hand (finished, unfinished, failed, broken) as rows,
-the differing settings as columns, groups, filters, the three formats, errors; one real tiny run."""
+"""mnist_lit.experiments.table and scripts/runs.py: run folders made by hand (finished, unfinished, failed,
+broken) as rows, the differing settings as columns, groups, filters, the three formats, errors; one real tiny run."""
 
 import copy
 import csv
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnist_lit import table
 from mnist_lit.cli import main as train
+from mnist_lit.experiments import table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {  # config.yaml's layout (RunConfig writes the resolved LightningCLI config), fewer of the defaults
@@ -251,9 +251,9 @@ def test_errors_are_one_line(tmp_path, save_dir, capsys):
 def test_script_default_save_dir_and_no_torch(tmp_path):
     make_run(tmp_path / "lightning_logs", "initial", 0, config(), results("initial", 0.99, 20))
     code = "sys.argv = sys.argv[1:]; import runpy; runpy.run_path(sys.argv[0], run_name='__main__')"
-    check = "; assert 'torch' not in sys.modules, 'mnist_lit.table imports torch'"
+    check = "; assert 'torch' not in sys.modules, 'mnist_lit.experiments.table imports torch'"
     done = subprocess.run(
-        [sys.executable, "-c", f"import sys, mnist_lit.table{check}; {code}", ROOT / "scripts" / "runs.py"],
+        [sys.executable, "-c", f"import sys, mnist_lit.experiments.table{check}; {code}", ROOT / "scripts" / "runs.py"],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

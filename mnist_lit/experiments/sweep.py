@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.launch import (
+from mnist_lit.experiments.launch import (
     HEARTBEAT_S,
     RunFailed,
     add_run_options,
@@ -36,8 +36,8 @@ from mnist_lit.launch import (
     study_name,
     study_storage,
 )
+from mnist_lit.experiments.table import record_run, report
 from mnist_lit.runs import run_dirs
-from mnist_lit.table import record_run, report
 
 KEY = re.compile(r"(model|data|trainer)\.\w+(\.\w+)*")  # a train.py setting by its full name
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from mnist_lit.errors import ArgumentParser, UserError
 from mnist_lit.flags import recipe_names
 
-TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+TRAIN = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
 HEARTBEAT_S = 10  # a dead worker's trial is failed (and retried) 3 heartbeats after its last one
 
 

@@ -27,8 +27,8 @@ import optuna
 import yaml
 from pytorch_lightning.callbacks import Callback
 
-from mnist_lit import launch, sweep, table
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
+from mnist_lit.experiments import launch, sweep, table
 from mnist_lit.flags import CONFIGS
 
 FIELDS = {"float": {"low", "high"}, "int": {"low", "high"}, "categorical": {"choices"}}  # besides type (and log)
@@ -164,7 +164,7 @@ def tune(args, space: dict[str, dict]) -> int:
                   json.dumps(v))]  # fmt: skip
         pruning = [f"--trainer.callbacks.{k}={v}" for k, v in (("storage", args.storage), ("study", name),
                    ("trial", trial.number), ("prune_below", args.prune_below)) if v is not None]  # fmt: skip
-        callback = "--trainer.callbacks+=mnist_lit.tune.OptunaPruning"
+        callback = "--trainer.callbacks+=mnist_lit.experiments.tune.OptunaPruning"
         launch.run_train([*args.settings, *params, callback, *pruning, *args.where], args.jobs)
         attrs = study.get_trials(deepcopy=False)[trial.number].user_attrs  # as the train.py process left them
         results = launch.results_of(Path(attrs["run_dir"])) if "run_dir" in attrs else None

@@ -149,7 +149,7 @@ def record_run(trial, run: Path) -> None:
 
 def study_runs(url: str, name: str | None) -> list[Run]:
     """The finished runs the study's trials recorded (each once), ordered as read_runs orders each save dir's."""
-    from mnist_lit.launch import open_storage, shown
+    from mnist_lit.experiments.launch import open_storage, shown
 
     storage = open_storage(url, create=False)
     names = sorted(study.study_name for study in storage.get_all_studies())

@@ -1,0 +1,6 @@
+"""Experiments over many runs: each run is ``scripts/train.py`` in its own process, the runs of an experiment are
+trials of an Optuna study (a SQLite file, or a database server shared by several machines).
+
+launch (starting runs, the study's storage) - sweep (seeds x settings, resumable) - tune (an Optuna search) -
+table (the runs table of scripts/runs.py, mean ± sd per group).
+"""
