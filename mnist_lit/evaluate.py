@@ -219,10 +219,10 @@ def log_to_run(trained: Trained, split: str, metrics: dict, figures: dict[str, F
 def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, dataset: str | None, tta: int = 1) -> Path:
     """Evaluate one checkpoint, or several each alone and as one ensemble; returns the output folder."""
     members = load_members(ckpts, dataset)
-    first = members[0]
+    first, single = members[0], len(members) == 1
     images, labels = split_data(members, data_dir, split)
     member_log_probs = [classify(predictor([member], tta), images) for member in members]
-    log_probs = mean_probability(member_log_probs) if len(members) > 1 else member_log_probs[0]
+    log_probs = member_log_probs[0] if single else mean_probability(member_log_probs)
     metrics = {"dataset": first.dataset, "split": split, "tta": tta}
     metrics.update(compute_metrics(log_probs, labels, first.classes))
     metrics["members"] = [
@@ -231,13 +231,13 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
     ]
     # A single checkpoint in a run folder: its evaluation goes into the run (curves, TensorBoard); anything else
     # (an ensemble, a loose checkpoint) beside it or in the current folder.
-    run = first.run_dir if len(members) == 1 else None
+    run = first.run_dir if single else None
     views = f", TTA {tta} views" if tta > 1 else ""
-    if len(members) > 1:
-        title = f"{first.dataset} {split}, ensemble of {len(members)}{views}"
-    else:
+    if single:
         where = f"{run.parent.name}/{run.name}/{first.path.name}" if run else str(first.path)
-        title = f"{first.dataset} {split}, {where}{views}"
+    else:
+        where = f"ensemble of {len(members)}"
+    title = f"{first.dataset} {split}, {where}{views}"
     figures = {
         "confusion_matrix": confusion_figure(metrics, first.classes, title),
         "misclassified": misclassified_figure(images, labels, log_probs, first.classes, title),
@@ -245,8 +245,8 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
     curves = curves_figure(run_chain(run)) if run else None
     if curves:
         figures["curves"] = curves
-    name = f"{first.path.stem if len(members) == 1 else 'ensemble'}-{split}" + (f"-tta{tta}" if tta > 1 else "")
-    home = run or (first.path.resolve().parent if len(members) == 1 else Path.cwd())
+    name = f"{first.path.stem if single else 'ensemble'}-{split}" + (f"-tta{tta}" if tta > 1 else "")
+    home = run or (first.path.resolve().parent if single else Path.cwd())
     out_dir = new_out_dir(Path(out) if out else home / "evaluation" / name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for name, fig in figures.items():

@@ -110,7 +110,8 @@ def load_members(paths: Sequence, dataset: str | None = None) -> list[Trained]:
     """The models of one or more checkpoints (an ensemble's members), which must agree on the dataset (and so on
     the classes); their nets may differ."""
     paths = [Path(path) for path in paths]
-    twice = next((path for i, path in enumerate(paths) if path.resolve() in {p.resolve() for p in paths[:i]}), None)
+    resolved = [path.resolve() for path in paths]
+    twice = next((path for i, path in enumerate(paths) if resolved[i] in resolved[:i]), None)
     if twice:
         raise UserError(f"{twice} is given twice: each checkpoint counts once in an ensemble")
     members = [load_trained(path, dataset) for path in paths]
