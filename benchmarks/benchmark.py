@@ -29,10 +29,11 @@ is reported, with the ratio to ``plain`` and, where it ran, to ``bare_auto`` (th
 seconds per epoch, milliseconds per training step (the whole run's time over its steps) and the seconds per epoch
 over the plain loop (Lightning's own parity test allows 0.3 s).
 
-``--marginal`` (with ``--epochs`` 2 or more) also runs every variant for 1 epoch in each round and reports the
-cost of the epochs after the first, ``(time of EPOCHS epochs - time of 1 epoch)`` over their steps: the per-step
-cost with a run's one-time costs (parsing the settings, TensorBoard's import, the run folder, the first epoch's
-warm-up) taken out; ratios again as the median of each round's own.
+The per-step cost itself (``--epochs`` 2 or more): every variant but ``obvious`` stamps each training batch as it
+is taken (``StepClock``: the plain loop in its loop, the others where ``InMemoryLoader`` yields the batch), and
+the mean interval between stamps within the epochs after the first is the cost of one step with a run's one-time
+costs (parsing, TensorBoard's import, the run folder, reading the data, the first epoch's warm-up) and each
+epoch's end (evaluation, checkpoint) left out; ratios again as the median of each round's own.
 
 ``--accelerator gpu``: every variant on one CUDA GPU, each split moved to the GPU once and every batch cut out
 there (the plain loop draws its permutation there too), accuracies counted on the device and read once; CUDA's
@@ -67,6 +68,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
 NO_PROTOCOL = ("obvious", "bare", "bare_auto")  # one-stage setups without checkpoints to go on from
 DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --accelerator -> torch device
+
+
+class StepClock:
+    """perf_counter() stamps of the training batches as they are taken, epoch by epoch."""
+
+    def __init__(self):
+        self.epochs: list[list[float]] = []
+
+    def new_epoch(self) -> None:
+        self.epochs.append([])
+
+    def tick(self) -> None:
+        self.epochs[-1].append(time.perf_counter())
+
+    def ms_per_step(self) -> float | None:
+        """The mean interval between consecutive stamps of the same epoch, over the epochs after the first."""
+        later = [stamps for stamps in self.epochs if stamps][1:]  # an iterator started and left unused: no epoch
+        intervals = sum(len(stamps) - 1 for stamps in later)
+        return 1000 * sum(stamps[-1] - stamps[0] for stamps in later) / intervals if intervals else None
+
+
+CLOCK = StepClock()  # one measurement per process (run_child)
 
 
 @functools.cache
@@ -129,7 +152,9 @@ def plain(
             net.train()
             generator = torch.Generator(device).manual_seed(epoch)
             order = torch.randperm(len(train_y), generator=generator, device=device)
+            CLOCK.new_epoch()
             for idx in order.split(batch):
+                CLOCK.tick()
                 optimizer.zero_grad()
                 F.nll_loss(forward(train_x[idx]), train_y[idx]).backward()
                 optimizer.step()
@@ -288,20 +313,44 @@ VARIANTS = {
 }
 
 
+@contextlib.contextmanager
+def stamping_training_batches():
+    """``InMemoryLoader`` (the batches of ours, bare and bare_auto) ticks ``CLOCK`` for each training batch."""
+    iterate = InMemoryLoader.__iter__
+
+    def stamped(loader: InMemoryLoader):
+        training = loader.sampler.shuffle  # evaluation batches come in order
+        if training:
+            CLOCK.new_epoch()
+        for batch in iterate(loader):
+            if training:
+                CLOCK.tick()
+            yield batch
+
+    InMemoryLoader.__iter__ = stamped
+    try:
+        yield
+    finally:
+        InMemoryLoader.__iter__ = iterate
+
+
 def measure(
     variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str = "lenet", accelerator: str = "cpu"
 ) -> dict:
     """Run one variant in this process; wall time after the imports (CUDA's initialisation included), peak RSS of
-    the process."""
+    the process, and (after 2 or more epochs) the milliseconds per training step by ``CLOCK``."""
     from mnist_lit.cli import keep_freed_memory
 
     keep_freed_memory()  # as the command line does: every variant runs under the same malloc settings
     seed_settings()  # read before the clock starts
-    start = time.perf_counter()
-    accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name, accelerator)
-    seconds = time.perf_counter() - start
+    CLOCK.epochs.clear()
+    with stamping_training_batches():
+        start = time.perf_counter()
+        accuracy = VARIANTS[variant](data_dir, epochs, protocol, net_name, accelerator)
+        seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"variant": variant, "seconds": seconds, "acc": accuracy, "peak_rss_mb": peak_rss_mb}
+    figures = {"variant": variant, "seconds": seconds, "acc": accuracy, "peak_rss_mb": peak_rss_mb}
+    return figures | {"step_ms": CLOCK.ms_per_step(), "steps_stamped": sum(map(len, CLOCK.epochs))}
 
 
 def run_child(variant: str, data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str) -> dict:
@@ -329,10 +378,7 @@ def benchmark(
     protocol: bool,
     net_name: str = "lenet",
     accelerator: str = "cpu",
-    marginal: bool = False,
 ) -> dict:
-    if marginal and (protocol or epochs < 2):
-        raise UserError("--marginal needs --epochs 2 or more, and no --protocol")
     if protocol and set(NO_PROTOCOL) & set(variants):
         raise UserError("obvious, bare and bare_auto have no --protocol mode: leave them out of --variants")
     if accelerator == "gpu" and not torch.cuda.is_available():
@@ -348,14 +394,11 @@ def benchmark(
         # every variant alike.
         for variant in variants if round_ % 2 else variants[::-1]:
             result = run_child(variant, data_dir, epochs, protocol, net_name, accelerator)
-            if marginal:
-                result["seconds_1_epoch"] = run_child(variant, data_dir, 1, False, net_name, accelerator)["seconds"]
-                result["marginal_seconds"] = result["seconds"] - result["seconds_1_epoch"]
             runs[variant].append(result)
             print(
                 f"round {round_} {variant:14s} {result['seconds']:7.2f} s  acc {result['acc']:.4f}  "
                 f"peak RSS {result['peak_rss_mb']:.0f} MiB"
-                + (f"  (1 epoch: {result['seconds_1_epoch']:.2f} s)" if marginal else ""),
+                + (f"  {result['step_ms']:.3f} ms/step after the first epoch" if result["step_ms"] else ""),
                 flush=True,
             )
     summary = {}
@@ -389,13 +432,13 @@ def benchmark(
             ratio += f" (rounds: {min(to_plain):.3f}-{max(to_plain):.3f}; {figures['extra_s_per_epoch']:+.2f} s/epoch)"
         if to_bare_auto:
             ratio += f"  {figures['ratio_to_bare_auto']:5.3f}x bare_auto"
-        if marginal:
-            figures.update(marginal_figures(results, runs, steps - steps // epochs))
-            ratio += f"\n  {'':14s} after the first epoch: {figures['marginal_ms_per_step']:6.3f} ms/step"
-            if "plain" in runs:
-                ratio += f"  {figures['marginal_extra_ms_per_step_over_plain']:+.3f} ms/step over plain"
-            if "bare_auto" in runs:
-                ratio += f"  {figures['marginal_ratio_to_bare_auto']:5.3f}x bare_auto"
+        if results[0]["step_ms"]:
+            figures.update(step_figures(results, runs))
+            ratio += f"\n  {'':14s} a step after the first epoch: {figures['step_ms']:6.3f} ms"
+            if figures.get("step_extra_ms_over_plain") is not None:
+                ratio += f"  {figures['step_extra_ms_over_plain']:+.3f} ms over plain"
+            if figures.get("step_ratio_to_bare_auto") is not None:
+                ratio += f"  {figures['step_ratio_to_bare_auto']:5.3f}x bare_auto"
         print(
             f"  {variant:14s} {figures['seconds_per_epoch']:7.2f} s/epoch  {figures['ms_per_step']:6.2f} ms/step  "
             f"{ratio}  peak RSS {figures['peak_rss_mb']:.0f} MiB"
@@ -418,21 +461,20 @@ def benchmark(
     return report
 
 
-def marginal_figures(results: list[dict], runs: dict[str, list[dict]], steps: int) -> dict:
-    """Per-step figures of the epochs after the first (``steps`` of them), medians over the rounds; the ratio to
-    bare_auto and the difference to plain are the medians of each round's own."""
+def step_figures(results: list[dict], runs: dict[str, list[dict]]) -> dict:
+    """The milliseconds per step after the first epoch, median over the rounds; the difference to plain and the
+    ratio to bare_auto as the medians of each round's own (None where that variant did not run)."""
 
-    def per_step(result: dict) -> float:
-        return 1000 * result["marginal_seconds"] / steps
+    def per_round(reference: str, compare) -> float | None:
+        if reference not in runs:
+            return None
+        return statistics.median(compare(r["step_ms"], ref["step_ms"]) for r, ref in zip(results, runs[reference]))
 
-    figures = {"marginal_ms_per_step": statistics.median(map(per_step, results))}
-    if "plain" in runs:
-        extra = [per_step(r) - per_step(ref) for r, ref in zip(results, runs["plain"])]
-        figures["marginal_extra_ms_per_step_over_plain"] = statistics.median(extra)
-    if "bare_auto" in runs:
-        ratios = [per_step(r) / per_step(ref) for r, ref in zip(results, runs["bare_auto"])]
-        figures["marginal_ratio_to_bare_auto"] = statistics.median(ratios)
-    return figures
+    return {
+        "step_ms": statistics.median(r["step_ms"] for r in results),
+        "step_extra_ms_over_plain": per_round("plain", lambda ms, ref: ms - ref),
+        "step_ratio_to_bare_auto": per_round("bare_auto", lambda ms, ref: ms / ref),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,9 +490,6 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=VARIANTS,
         help="default: plain ours bare bare_auto obvious (--protocol: plain ours)",
-    )
-    parser.add_argument(
-        "--marginal", action="store_true", help="also time 1 epoch: the per-step cost after a run's one-time costs"
     )
     parser.add_argument("--out", default="benchmark.json", help="where the figures go (JSON)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -469,9 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.out} exists; pass --force to replace it, or another --out")
         variants = args.variants or ["plain", "ours"] + ([] if args.protocol else ["bare", "bare_auto", "obvious"])
         benchmark(
-            args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net, args.accelerator,
-            args.marginal,
-        )  # fmt: skip
+            args.data_dir, args.epochs, args.rounds, variants, args.out, args.protocol, args.net, args.accelerator
+        )
         return 0
 
     return exit_code(body)

@@ -277,7 +277,7 @@ class RunConfig(SaveConfigCallback):
     def __init__(self, parser, config, run_dir: Path | None = None, **kwargs):
         super().__init__(parser, config, save_to_log_dir=False, **kwargs)
         self.run_dir = run_dir
-        self.text = parser.dump(config, skip_none=False)  # plain YAML: safe in a weights_only checkpoint
+        self.text = parser.dump(config, skip_unset=False)  # plain YAML: safe in a weights_only checkpoint
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.run_dir is not None:  # rank 0 only; the other processes have no run folder

@@ -266,7 +266,7 @@ def check_last_epoch_validated(config) -> None:
 
 def changed_settings(parser, base, config) -> set[str]:
     """The dotted keys whose values differ between two parsed configs."""
-    a, b = (yaml.safe_load(parser.dump(c, skip_none=False)) for c in (base, config))
+    a, b = (yaml.safe_load(parser.dump(c, skip_unset=False)) for c in (base, config))
 
     def flat(d: dict, prefix: str = "") -> dict:
         items = {}

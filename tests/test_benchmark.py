@@ -20,7 +20,7 @@ def check_report(report: dict, variants: list[str]) -> None:
     for figures in report["variants"].values():
         assert figures["ratio_to_plain"] > 0 and figures["samples_per_s"] > 0
         assert figures["peak_rss_mb"] > 100  # a process that imported torch
-        assert all(0 <= r["acc"] <= 1 for r in figures["rounds"])
+        assert all(0 <= r["acc"] <= 1 + 1e-6 for r in figures["rounds"])  # a float32 mean may round past 1
         assert len(figures["round_ratios"]) == len(figures["rounds"]) and all(q > 0 for q in figures["round_ratios"])
     assert report["variants"]["plain"]["round_ratios"] == [1.0] * report["rounds"]
     assert report["variants"]["plain"]["median_round_ratio_to_plain"] == 1.0
@@ -29,17 +29,6 @@ def check_report(report: dict, variants: list[str]) -> None:
         assert all(figures["ratio_to_bare_auto"] > 0 for figures in report["variants"].values())
     else:
         assert all(figures["ratio_to_bare_auto"] is None for figures in report["variants"].values())
-
-
-def test_one_epoch_of_plain_ours_bare_bare_auto_and_the_obvious_setup(shared_data_dir, tmp_path):
-    out = tmp_path / "bench.json"
-    variants = ["plain", "ours", "bare", "bare_auto", "obvious"]
-    report = benchmark(str(shared_data_dir), epochs=1, rounds=2, variants=variants, out=str(out), protocol=False)
-    check_report(report, variants)
-    assert json.loads(out.read_text()) == report
-    # plain, ours, bare and bare_auto make the same steps on the same batches from the same initial weights
-    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in ("plain", "ours", "bare", "bare_auto")}
-    assert len(set(accuracies.values())) == 1, accuracies
 
 
 def test_protocol_mode_times_both_stages(shared_data_dir, tmp_path):
@@ -70,25 +59,41 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     assert (tmp_path / "b.json").read_text() == "earlier figures"
 
 
-def test_the_linear_net_runs_in_every_timed_variant_and_the_cost_after_the_first_epoch(shared_data_dir, tmp_path):
-    variants = ["plain", "ours", "bare", "bare_auto"]
-    out = str(tmp_path / "b.json")
-    report = benchmark(str(shared_data_dir), 2, 1, variants, out, False, net_name="linear", marginal=True)
+def test_every_variant_runs_the_same_steps_and_each_step_after_the_first_epoch_is_timed(shared_data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    variants = ["plain", "ours", "bare", "bare_auto", "obvious"]
+    # the one-layer net: the run is all code around the net, as when the per-step cost is measured
+    report = benchmark(str(shared_data_dir), 2, 1, variants, str(out), False, net_name="linear")
     check_report(report, variants)
+    assert json.loads(out.read_text()) == report
     assert report["net"] == "linear"
-    assert len({report["variants"][v]["rounds"][0]["acc"] for v in variants}) == 1  # the same net in all four
-    for figures in report["variants"].values():
+    # plain, ours, bare and bare_auto make the same steps on the same batches from the same initial weights
+    timed = ["plain", "ours", "bare", "bare_auto"]
+    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in timed}
+    assert len(set(accuracies.values())) == 1, accuracies
+    steps_per_epoch = -(-288 // 64)  # 320 images, 10 % for validation, batch 64
+    for variant in timed:
+        figures = report["variants"][variant]
         (result,) = figures["rounds"]
-        assert result["marginal_seconds"] == result["seconds"] - result["seconds_1_epoch"]
-        steps_after_the_first_epoch = report["steps"] // 2
-        assert figures["marginal_ms_per_step"] == 1000 * result["marginal_seconds"] / steps_after_the_first_epoch
-    assert report["variants"]["bare_auto"]["marginal_ratio_to_bare_auto"] == 1.0
-    assert report["variants"]["plain"]["marginal_extra_ms_per_step_over_plain"] == 0.0
+        assert result["steps_stamped"] == 2 * steps_per_epoch  # every training batch, no evaluation batch
+        assert figures["step_ms"] == result["step_ms"] > 0
+    assert report["variants"]["bare_auto"]["step_ratio_to_bare_auto"] == 1.0
+    assert report["variants"]["plain"]["step_extra_ms_over_plain"] == 0.0
+    assert report["variants"]["obvious"]["rounds"][0]["step_ms"] is None  # torch's DataLoader: not stamped
+    assert "step_ms" not in report["variants"]["obvious"]
 
 
-def test_marginal_needs_two_epochs(shared_data_dir, tmp_path, capsys):
-    assert main(["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json"), "--marginal"]) == 2
-    assert capsys.readouterr().err == "error: --marginal needs --epochs 2 or more, and no --protocol\n"
+def test_the_step_clock_times_the_epochs_after_the_first_without_their_boundaries():
+    clock = bench.StepClock()
+    clock.epochs = [[0.0, 5.0, 9.0], [20.0, 20.002, 20.004], [30.0, 30.003]]  # seconds; gaps between epochs
+    assert clock.ms_per_step() == pytest.approx(1000 * (0.004 + 0.003) / 3)
+    clock.epochs = clock.epochs[:1]
+    assert clock.ms_per_step() is None  # one epoch: nothing after the warm-up
+
+
+def test_one_epoch_has_no_step_figures(shared_data_dir):
+    result = measure("bare_auto", str(shared_data_dir), epochs=1, protocol=False, net_name="linear")
+    assert result["step_ms"] is None and result["steps_stamped"] == -(-288 // 64)
 
 
 def test_accelerator_gpu_without_cuda_is_one_line(shared_data_dir, tmp_path, capsys, monkeypatch):
