@@ -14,7 +14,9 @@ Run: ``python benchmarks/benchmark.py --data-dir ../shared/data [--epochs 1] [--
 5. ``bare_auto``: ``bare`` with Lightning's automatic optimization (training_step returns the loss,
    configure_optimizers the SGD; the Trainer zeroes the gradients, calls backward and steps): the floor of the
    usual way to write a LightningModule;
-and, to see what the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the plain
+``bare_auto_callbacks`` and ``bare_auto_metrics`` add to ``bare_auto`` one part of what this project adds to a
+step: five callbacks that do nothing (as many as ``ours`` has), the training metrics' updates; and, to see what
+the speed options buy: ``ours_bf16_cl`` (``--precision bf16-mixed --channels-last``), the plain
 loop with the same two (``plain_bf16_cl``) and the plain loop under ``torch.compile`` (``plain_compiled``).
 
 Same net (LeNet; ``--net linear``: one Linear layer, so that the times are almost all the code around the
@@ -61,12 +63,12 @@ import yaml
 from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import load_split, raw_dir
-from mnist_lit.module import MNISTLitModule
+from mnist_lit.module import MNISTLitModule, split_metrics
 from mnist_lit.net import NETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
-NO_PROTOCOL = ("obvious", "bare", "bare_auto")  # one-stage setups without checkpoints to go on from
+NO_PROTOCOL = ("obvious", "bare", "bare_auto", "bare_auto_callbacks", "bare_auto_metrics")  # one-stage, no checkpoints
 DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --accelerator -> torch device
 
 
@@ -189,12 +191,21 @@ def ours(
 
 
 def bare(
-    data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str = "cpu", automatic: bool = False
+    data_dir: str,
+    epochs: int,
+    protocol: bool,
+    net_name: str,
+    accelerator: str = "cpu",
+    automatic: bool = False,
+    callbacks: int = 0,
+    metrics: bool = False,
 ) -> float:
     """The least the Trainer's loop can cost: the plain loop's step as a LightningModule's training_step (manual
     optimization; ``automatic``: Lightning's automatic optimization), the same in-memory batches (on a GPU: cut
     out on the device, as in the plain loop), and a Trainer with checkpoints, logging, progress bar and model
-    summary off."""
+    summary off. What this project adds to a step, one part at a time: ``callbacks`` that do nothing (the cost of
+    the Trainer calling their hooks), ``metrics``: the training step's accuracy and mean loss, MNISTLitModule's
+    torchmetrics objects, updated every step and logged per epoch as it does."""
     import pytorch_lightning as pl
 
     if protocol:
@@ -207,9 +218,21 @@ def bare(
             self.net, self.mean, self.std = NETS[net_name](), mean, std
             self.automatic_optimization = automatic
             self.correct = torch.zeros((), dtype=torch.long)
+            if metrics:
+                self.train_acc, self.train_loss = split_metrics()
 
         def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.nll_loss(self.net(normalize(images, self.mean, self.std)), targets)
+            log_probs = self.net(normalize(images, self.mean, self.std))
+            loss = F.nll_loss(log_probs, targets)
+            if metrics:
+                self.train_acc.update(log_probs, targets)
+                self.train_loss.update(loss.detach().expand(len(targets)))
+            return loss
+
+        def on_train_epoch_end(self):
+            if metrics:
+                self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+                self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
 
         def training_step(self, batch, batch_idx):
             if automatic:  # the Trainer zeroes the gradients, calls backward and steps the optimizer
@@ -242,6 +265,7 @@ def bare(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        callbacks=[pl.Callback() for _ in range(callbacks)],
     )
     device = DEVICES[accelerator]
     train = InMemoryLoader(images[train_idx].to(device), labels[train_idx].to(device), s["batch_size"], shuffle=True)
@@ -307,6 +331,9 @@ VARIANTS = {
     "obvious": obvious,
     "bare": bare,
     "bare_auto": functools.partial(bare, automatic=True),
+    # ours's Trainer has 5 callbacks under --quiet (DivergenceStop, LearningRateMonitor, RunConfig, two checkpoints)
+    "bare_auto_callbacks": functools.partial(bare, automatic=True, callbacks=5),
+    "bare_auto_metrics": functools.partial(bare, automatic=True, metrics=True),
     "ours_bf16_cl": functools.partial(ours, options=SPEED_OPTIONS),
     "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
     "plain_compiled": functools.partial(plain, compiled=True),
@@ -380,7 +407,8 @@ def benchmark(
     accelerator: str = "cpu",
 ) -> dict:
     if protocol and set(NO_PROTOCOL) & set(variants):
-        raise UserError("obvious, bare and bare_auto have no --protocol mode: leave them out of --variants")
+        one_stage = ", ".join(v for v in variants if v in NO_PROTOCOL)
+        raise UserError(f"{one_stage}: no --protocol mode (one stage, no checkpoints); leave out of --variants")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise UserError("--accelerator gpu: no CUDA GPU here")
     # images seen per epoch: training + evaluation; the protocol's full stage trains on 60k, tests on 10k

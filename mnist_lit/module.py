@@ -19,6 +19,14 @@ from mnist_lit.net import build_net
 SPLITS = ("train", "val", "test")
 
 
+def split_metrics() -> tuple[MulticlassAccuracy, MeanMetric]:
+    """The accuracy and the mean loss of one split, updated every step (see ``MNISTLitModule.model_step``)."""
+    # validate_args=False: the argument checks cost a host sync on every update. The loss mean takes each sample's
+    # loss: the last, partial batch weighs what it holds. nan_strategy="disable": no NaN check (a host sync per
+    # update); a NaN loss makes the mean NaN.
+    return MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False), MeanMetric(nan_strategy="disable")
+
+
 class MNISTLitModule(pl.LightningModule):
     """A net from ``mnist_lit.net`` with its input normalisation: it takes images as MNIST stores them.
 
@@ -97,12 +105,11 @@ class MNISTLitModule(pl.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         # One torchmetrics object per split and quantity (names as in Lightning's examples: "train" itself is taken
-        # by nn.Module.train). validate_args=False: the argument checks cost a host sync on every update.
-        # The loss means take each sample's loss (see model_step): the last, partial batch weighs what it holds.
-        # nan_strategy="disable": no NaN check (a host sync per update); a NaN loss makes the mean NaN.
+        # by nn.Module.train).
         for split in SPLITS:
-            setattr(self, f"{split}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False))
-            setattr(self, f"{split}_loss", MeanMetric(nan_strategy="disable"))
+            acc, mean_loss = split_metrics()
+            setattr(self, f"{split}_acc", acc)
+            setattr(self, f"{split}_loss", mean_loss)
         self.val_count, self.test_count = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best

@@ -46,10 +46,19 @@ def test_speed_option_variants_run(variant, shared_data_dir):
     assert result["variant"] == variant and 0 <= result["acc"] <= 1
 
 
+@pytest.mark.parametrize("variant", [v for v in bench.VARIANTS if v.startswith("bare_auto_")])
+def test_what_is_added_to_bare_auto_leaves_its_steps_as_they_are(variant, shared_data_dir):
+    reference, result = (measure(v, str(shared_data_dir), 1, False) for v in ("bare_auto", variant))
+    assert (result["acc"], result["steps_stamped"]) == (reference["acc"], reference["steps_stamped"])
+
+
 def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(shared_data_dir), "--out", str(tmp_path / "b.json")]
     assert main([*base, "--protocol", "--variants", "plain", "bare_auto"]) != 0
-    assert "obvious, bare and bare_auto have no --protocol mode" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == "error: bare_auto: no --protocol mode (one stage, no checkpoints); leave out of --variants\n"
+    )
     assert main([*base, "--epochs", "0"]) != 0
     assert "--epochs and --rounds must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
