@@ -131,15 +131,21 @@ def test_two_nodes_launched_by_torchrun(shared_data_dir, tmp_path):
 def test_ddp_goes_on_from_a_bare_checkpoint_name_in_every_process(shared_data_dir, tmp_path):
     """Rank 0 resolves `last.ckpt` before it makes the new run folder; the processes Lightning launches must use
     that file too, not resolve the name again (they would find the new, empty folder, or another run)."""
-    common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, *ARGS, *DDP]
-    train_script(*common, "--epochs", "1")
-    train_script(*common, "--ckpt", "last.ckpt", "--epochs", "2")  # resumes initial/version_0 into version_1
+    common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, *ARGS]
+
+    def one_process(*argv) -> None:  # the runs that only leave checkpoints to go on from
+        # --devices and --strategy given: a run going on from a checkpoint takes them from its config otherwise
+        assert main(list(map(str, [*common, "--devices", "1", "--strategy", "auto", *argv]))) == 0
+
+    one_process("--epochs", "1")
+    train_script(*common, *DDP, "--ckpt", "last.ckpt", "--epochs", "2")  # resumes initial/version_0 into version_1
     assert sorted(p.name for p in (tmp_path / "initial").iterdir()) == ["version_0", "version_1"]
     resumed = results(tmp_path / "initial" / "version_1")
     assert resumed["epoch"] == 2 and resumed["ckpt_from"].endswith("initial/version_0/checkpoints/last.ckpt")
-    train_script(*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3")
+    assert resumed["processes"] == 2
+    one_process("--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3")
     (tmp_path / "full" / "version_0" / "results.json").unlink()  # as if it had been killed after its last epoch
-    train_script(*common, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "4")  # resumes full/version_0
+    train_script(*common, *DDP, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "4")  # resumes full/version_0
     again = results(tmp_path / "full" / "version_1")
     assert again["epoch"] == 4 and again["ckpt_from"].endswith("full/version_0/checkpoints/last.ckpt")
     assert again["processes"] == 2 and again["count"] == 120

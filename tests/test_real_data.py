@@ -36,11 +36,12 @@ def test_prepare_data_checks_the_official_files():
     assert "train: 60000 images of 28x28" in proc.stdout and "test: 10000 images of 28x28" in proc.stdout
 
 
-def test_one_real_epoch_learns(tmp_path):
-    assert main(["--data-dir", str(REAL_DATA), "--save-dir", str(tmp_path), "--epochs", "1", "--quiet"]) == 0
+def test_the_seed_recipe_learns_on_the_real_images(tmp_path):
+    argv = ["--data-dir", str(REAL_DATA), "--save-dir", str(tmp_path), "--epochs", "1", "--quiet"]
+    assert main([*argv, "--trainer.limit_train_batches", "400"]) == 0  # about half of the first epoch
     results = json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())
     assert results["count"] == 6000  # the 10 % validation split of the 60k training images
-    assert results["acc"] > 0.95  # one epoch of the original recipe reaches about 96 %
+    assert results["acc"] > 0.93  # 400 steps of the original recipe reach about 94 % (a whole epoch about 96 %)
 
 
 @pytest.fixture(scope="module")
