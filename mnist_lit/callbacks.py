@@ -26,6 +26,7 @@ from torch.utils.tensorboard.summary import hparams
 from mnist_lit.data import seeded_generator
 from mnist_lit.errors import UserError
 from mnist_lit.module import format_eval
+from mnist_lit.runs import OUTPUT_SWITCHES, PATH_KEYS
 
 log = logging.getLogger("mnist_lit")
 
@@ -246,11 +247,8 @@ def changed_trainer_settings(trainer_config: dict) -> dict:
 # others (the full stage's length is in trainer.max_epochs, eval_split follows the stage, pixel_stats the data):
 # not the experiment.
 NOT_SETTINGS = {
-    "ckpt", "save_dir", "save_freq", "quiet", "data.data_dir", "data.download", "data.eval_batch_size",
-    "full_epochs", "model.eval_split", "model.pixel_stats",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary", "trainer.logger", "trainer.num_sanity_val_steps",
-    "trainer.use_distributed_sampler",
+    *PATH_KEYS, *OUTPUT_SWITCHES, "data.eval_batch_size", "full_epochs", "model.eval_split", "model.pixel_stats",
+    "trainer.logger", "trainer.num_sanity_val_steps", "trainer.use_distributed_sampler",
 }  # fmt: skip
 
 

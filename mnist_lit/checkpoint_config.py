@@ -13,6 +13,7 @@ import re
 import yaml
 
 from mnist_lit.errors import UserError
+from mnist_lit.runs import PATH_KEYS
 
 # Classes a stored config may name, with the arguments it may set for them: plain values only, no paths and no
 # callables (an argument not listed, e.g. EMA's multi_avg_fn, must be null).
@@ -30,8 +31,6 @@ ALLOWED_CLASSES = {
     "pytorch_lightning.callbacks.ModelSummary": {"max_depth"},
     "pytorch_lightning.callbacks.Timer": {"duration", "interval", "verbose"},
 }  # fmt: skip
-# Where a run reads or writes: taken from the command line (or the defaults), never from a checkpoint.
-PATH_KEYS = (("save_dir",), ("ckpt",), ("data", "data_dir"), ("trainer", "default_root_dir"))
 # A dotted name such as ``builtins.print``: jsonargparse resolves such a string to the object it names.
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 TRUST_FLAG = "--trust-checkpoint-config"
@@ -47,7 +46,7 @@ def checkpoint_config(text: str, source) -> str:
     if not isinstance(config, dict):
         raise UserError(f"{source}: its stored settings are not a config (not a YAML mapping)")
     refuse_code(config, "", source)
-    for *parents, key in PATH_KEYS:
+    for *parents, key in (path.split(".") for path in PATH_KEYS):  # from the command line, never a checkpoint
         section = config
         for parent in parents:
             section = section.get(parent) if isinstance(section, dict) else None

@@ -15,6 +15,10 @@ from mnist_lit.errors import UserError
 
 log = logging.getLogger("mnist_lit")
 PACKAGE_DIR = Path(__file__).resolve().parent
+# A run's settings (dotted config keys) that are not its experiment: where it reads and writes, and what it prints
+# or keeps. A checkpoint never passes the paths on (checkpoint_config); HPARAMS and the runs table show neither.
+PATH_KEYS = ("save_dir", "ckpt", "data.data_dir", "trainer.default_root_dir")
+OUTPUT_SWITCHES = ("save_freq", "quiet", "data.download", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 def run_dirs(save_dir, stage: str) -> list[Path]:

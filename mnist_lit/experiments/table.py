@@ -21,14 +21,13 @@ from pathlib import Path
 import yaml
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.runs import run_dirs
+from mnist_lit.runs import OUTPUT_SWITCHES, PATH_KEYS, run_dirs
 
 STAGES = ("initial", "full")
 FIXED = ("stage", "version", "recipe", "status")  # keys of every row, beside config.yaml's dotted settings
 RESULT_COLUMNS = ("epoch", "split", "correct/count", "acc %", "wall s")
 # Where a run went and what it printed: never columns (--filter and --group-by still take them).
-LOCATION_KEYS = {"save_dir", "ckpt", "save_freq", "quiet", "data.data_dir", "data.download",
-                 "trainer.enable_progress_bar", "trainer.enable_model_summary"}  # fmt: skip
+LOCATION_KEYS = {*PATH_KEYS, *OUTPUT_SWITCHES}
 SETTINGS = "settings"  # --group-by's key for all the settings but the seed: the runs that differ only in it
 SEED_KEYS = {"seed_everything", "data.seed", "model.seed"}
 SECTIONS = ("seed_everything", "model", "data", "trainer")  # the order of the settings' columns
