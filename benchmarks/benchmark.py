@@ -68,7 +68,6 @@ from mnist_lit.net import NETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_OPTIONS = ("--precision", "bf16-mixed", "--channels-last")
-NO_PROTOCOL = ("obvious", "bare", "bare_auto", "bare_auto_callbacks", "bare_auto_metrics")  # one-stage, no checkpoints
 DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --accelerator -> torch device
 
 
@@ -338,6 +337,8 @@ VARIANTS = {
     "plain_bf16_cl": functools.partial(plain, bf16_cl=True),
     "plain_compiled": functools.partial(plain, compiled=True),
 }
+# The one-stage setups, without checkpoints to go on from: every variant of bare and obvious
+NO_PROTOCOL = tuple(name for name, run in VARIANTS.items() if getattr(run, "func", run) in (bare, obvious))
 
 
 @contextlib.contextmanager

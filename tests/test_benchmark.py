@@ -12,6 +12,7 @@ _spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" 
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 benchmark, main, measure = bench.benchmark, bench.main, bench.measure
+STEPS_PER_EPOCH = -(-288 // 64)  # conftest's 320 images, 10 % for validation, batch 64
 
 
 def check_report(report: dict, variants: list[str]) -> None:
@@ -80,11 +81,10 @@ def test_every_variant_runs_the_same_steps_and_each_step_after_the_first_epoch_i
     timed = ["plain", "ours", "bare", "bare_auto"]
     accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in timed}
     assert len(set(accuracies.values())) == 1, accuracies
-    steps_per_epoch = -(-288 // 64)  # 320 images, 10 % for validation, batch 64
     for variant in timed:
         figures = report["variants"][variant]
         (result,) = figures["rounds"]
-        assert result["steps_stamped"] == 2 * steps_per_epoch  # every training batch, no evaluation batch
+        assert result["steps_stamped"] == 2 * STEPS_PER_EPOCH  # every training batch, no evaluation batch
         assert figures["step_ms"] == result["step_ms"] > 0
     assert report["variants"]["bare_auto"]["step_ratio_to_bare_auto"] == 1.0
     assert report["variants"]["plain"]["step_extra_ms_over_plain"] == 0.0
@@ -102,7 +102,7 @@ def test_the_step_clock_times_the_epochs_after_the_first_without_their_boundarie
 
 def test_one_epoch_has_no_step_figures(shared_data_dir):
     result = measure("bare_auto", str(shared_data_dir), epochs=1, protocol=False, net_name="linear")
-    assert result["step_ms"] is None and result["steps_stamped"] == -(-288 // 64)
+    assert result["step_ms"] is None and result["steps_stamped"] == STEPS_PER_EPOCH
 
 
 def test_accelerator_gpu_without_cuda_is_one_line(shared_data_dir, tmp_path, capsys, monkeypatch):
