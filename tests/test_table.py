@@ -1,5 +1,6 @@
-"""mnist_lit.experiments.table and scripts/runs.py: run folders made by hand (finished, unfinished, failed,
-broken) as rows, the differing settings as columns, groups, filters, the three formats, errors; one real tiny run."""
+"""mnist_lit.experiments.table (and .records) and scripts/runs.py: run folders made by hand (finished, unfinished,
+failed, broken) as rows, the differing settings as columns, groups, filters, the three formats, errors; one real
+tiny run."""
 
 import copy
 import csv
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from mnist_lit.cli import main as train
-from mnist_lit.experiments import table
+from mnist_lit.experiments import records, table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {  # config.yaml's layout (RunConfig writes the resolved LightningCLI config), fewer of the defaults
@@ -99,7 +100,7 @@ def part(row: dict, *keys: str) -> dict:
 
 
 def test_statuses(save_dir):
-    status = {(run.stage, run.version): run.status for run in table.read_runs(save_dir)}
+    status = {(run.stage, run.version): run.status for run in records.read_runs(save_dir)}
     assert status == {
         ("initial", 0): "finished",
         ("initial", 1): "finished",
@@ -133,13 +134,13 @@ def test_statuses(save_dir):
 def test_broken_folders_are_rows_not_crashes(tmp_path, capsys, settings, result, status):
     make_run(tmp_path, "initial", 0, settings, result)
     make_run(tmp_path, "initial", 1, config(), results("initial", 0.9, 1))
-    assert [run.status for run in table.read_runs(tmp_path)] == [status, "finished"]
+    assert [run.status for run in records.read_runs(tmp_path)] == [status, "finished"]
     code, out, _ = run_main(capsys, tmp_path, "--group-by", "recipe")
     assert code == 0 and "seed" in out
 
 
 def test_rows_show_only_the_settings_that_differ(save_dir):
-    header, rows = table.runs_table(table.read_runs(save_dir))
+    header, rows = table.runs_table(records.read_runs(save_dir))
     settings = header[3 : header.index("epoch")]
     assert settings == [
         "seed_everything", "model.net", "model.lr", "model.milestones", "trainer.precision", "trainer.max_epochs",
@@ -161,7 +162,7 @@ def test_rows_show_only_the_settings_that_differ(save_dir):
     assert [rows[i]["epoch"] for i in (4, 5, 6)] == ["-", "-", "-"]
     assert rows[6]["recipe"] == "-" and rows[6]["model.lr"] == "-"  # its config.yaml cannot be read
     # Among the initial runs alone, the full stage's lr and milestones are the same everywhere: no columns.
-    initial = table.runs_table([run for run in table.read_runs(save_dir) if run.stage == "initial"])[0]
+    initial = table.runs_table([run for run in records.read_runs(save_dir) if run.stage == "initial"])[0]
     assert "model.lr" not in initial and "model.milestones" not in initial and "seed_everything" in initial
 
 
@@ -216,7 +217,7 @@ def test_filter(save_dir, capsys, filters, expected):
 
 
 def test_formats(save_dir, capsys):
-    header, rows = table.runs_table(table.read_runs(save_dir))
+    header, rows = table.runs_table(records.read_runs(save_dir))
     _, out, _ = run_main(capsys, save_dir, "--format", "csv")
     assert list(csv.reader(io.StringIO(out))) == [header, *rows]
     _, out, _ = run_main(capsys, save_dir, "--format", "markdown")
@@ -266,7 +267,7 @@ def test_a_real_run_is_a_finished_row(shared_data_dir, tmp_path, capsys):
     assert train([str(a) for a in argv]) == 0
     capsys.readouterr()
     written = json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())
-    (run,) = table.read_runs(tmp_path)
+    (run,) = records.read_runs(tmp_path)
     assert (run.stage, run.version, run.status, run.value("recipe")) == ("initial", 0, "finished", "seed")
     assert run.settings["trainer.max_epochs"] == "1" and run.settings["data.data_dir"] == str(shared_data_dir)
     code, out, _ = run_main(capsys, tmp_path, "--format", "csv")

@@ -36,7 +36,8 @@ from mnist_lit.experiments.launch import (
     study_name,
     study_storage,
 )
-from mnist_lit.experiments.table import record_run, report
+from mnist_lit.experiments.records import record_run
+from mnist_lit.experiments.table import report
 from mnist_lit.runs import run_dirs
 
 KEY = re.compile(r"(model|data|trainer)\.\w+(\.\w+)*")  # a train.py setting by its full name

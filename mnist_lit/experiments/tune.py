@@ -28,7 +28,7 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.experiments import launch, sweep, table
+from mnist_lit.experiments import launch, records, sweep
 from mnist_lit.flags import CONFIGS
 
 FIELDS = {"float": {"low", "high"}, "int": {"low", "high"}, "categorical": {"choices"}}  # besides type (and log)
@@ -170,7 +170,7 @@ def tune(args, space: dict[str, dict]) -> int:
         results = launch.results_of(Path(attrs["run_dir"])) if "run_dir" in attrs else None
         if results is None or results["acc"] is None:
             raise launch.RunFailed(f"trial {trial.number}: its run left no validation accuracy")
-        table.record_run(trial, Path(attrs["run_dir"]))
+        records.record_run(trial, Path(attrs["run_dir"]))
         if "pruned_at_epoch" in attrs:
             raise optuna.TrialPruned(f"val acc {100 * results['acc']:.2f} % at epoch {attrs['pruned_at_epoch']}")
         return results["acc"]
