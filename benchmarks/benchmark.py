@@ -5,7 +5,7 @@ Run: ``python benchmarks/benchmark.py --data-dir ../shared/data [--epochs 1] [--
 --protocol --epochs 20`` for the whole two-stage protocol.
 
 1. ``plain``: a plain PyTorch loop over in-memory tensors (the reference, written out below);
-2. ``ours``: this project, exactly as its command line (``mnist_lit.cli``) runs it with ``--quiet`` (DataModule +
+2. ``ours``: this project, exactly as its command line (``mnist_lit.train``) runs it with ``--quiet`` (DataModule +
    LightningModule + Trainer, checkpoints, TensorBoard, run directory and all);
 3. ``obvious``: the usual Lightning tutorial setup: torchvision ``datasets.MNIST`` with ``ToTensor`` and
    ``Normalize``, ``random_split``, a ``DataLoader``, per-step ``self.log``, a default ``Trainer``;
@@ -173,7 +173,7 @@ def ours(
     data_dir: str, epochs: int, protocol: bool, net_name: str, accelerator: str = "cpu", options: tuple[str, ...] = ()
 ) -> float:
     """This project's pipeline, as its command line (and, with ``protocol``, scripts/run_all.sh) runs it."""
-    from mnist_lit.cli import main
+    from mnist_lit.train import main
 
     with tempfile.TemporaryDirectory() as save_dir:
         common = ["--data-dir", data_dir, "--save-dir", save_dir, "--quiet"]
@@ -367,7 +367,7 @@ def measure(
 ) -> dict:
     """Run one variant in this process; wall time after the imports (CUDA's initialisation included), peak RSS of
     the process, and (after 2 or more epochs) the milliseconds per training step by ``CLOCK``."""
-    from mnist_lit.cli import keep_freed_memory
+    from mnist_lit.train import keep_freed_memory
 
     keep_freed_memory()  # as the command line does: every variant runs under the same malloc settings
     seed_settings()  # read before the clock starts

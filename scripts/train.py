@@ -5,7 +5,7 @@ Settings: `--recipe NAME`, `--config FILE`, `--model.X`, `--data.X`, `--trainer.
 
 import sys
 
-from mnist_lit.cli import main
+from mnist_lit.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_lit.cli import main
 from mnist_lit.idx import FILES, raw_dir
+from mnist_lit.train import main
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -129,7 +129,7 @@ def _no_download(monkeypatch):
 @pytest.fixture(scope="session")
 def trained_ckpt(shared_data_dir, tmp_path_factory) -> Path:
     """A tiny model trained for 3 epochs on the small IDX files: the last.ckpt of its initial-stage run."""
-    from mnist_lit.cli import main
+    from mnist_lit.train import main
 
     save_dir = tmp_path_factory.mktemp("trained")
     argv = ["--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "3", "--lr", "0.05", "--quiet"]

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from mnist_lit import callbacks, cli, module
+from mnist_lit import callbacks, module, train
 
 
 def die() -> None:
@@ -54,4 +54,4 @@ def arm(moment: str) -> None:
 
 if __name__ == "__main__":
     arm(sys.argv[1])
-    sys.exit(cli.main(sys.argv[2:]))
+    sys.exit(train.main(sys.argv[2:]))

@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config
-from mnist_lit.cli import main
 from mnist_lit.errors import UserError
 from mnist_lit.flags import recipe_names
+from mnist_lit.train import main
 
 # Each case: where in the stored config it is put, the value, and the key the error line names.
 CRAFTED = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_lit.cli import main
+from mnist_lit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--lr", "0.05", "--quiet", "--accelerator", "cpu"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mnist_lit import module
-from mnist_lit.cli import main
+from mnist_lit.train import main
 
 HERE = Path(__file__).resolve().parent
 # 320 training images -> 288 train / 32 val, batch 64 -> 5 steps per epoch; 4 epochs = global steps 0..19.

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import REAL_DATA, digits, idx_bytes, write_mnist
 
-from mnist_lit.cli import main
 from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import UserError
 from mnist_lit.idx import DATASETS, MEAN, STD, ensure_raw_files, load_split, raw_dir, read_idx
+from mnist_lit.train import main
 
 
 def test_read_idx_round_trip(tmp_path):

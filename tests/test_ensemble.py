@@ -10,9 +10,9 @@ from PIL import Image
 
 from mnist_lit import evaluate, export, predict
 from mnist_lit.augment import TTA_VIEWS, tta_view
-from mnist_lit.cli import main as train
 from mnist_lit.idx import load_split, raw_dir
 from mnist_lit.inference import load_trained
+from mnist_lit.train import main as train
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
 def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
     from conftest import write_mnist
 
-    from mnist_lit.cli import main as train_main
+    from mnist_lit.train import main as train_main
 
     data_dir = write_mnist(tmp_path / "data", dataset="fashion_mnist")
     argv = ["--dataset", "fashion_mnist", "--data-dir", data_dir, "--save-dir", tmp_path / "runs", "--epochs", "1"]
@@ -133,7 +133,7 @@ def checkpoint_of_version_0_1(ckpt: dict) -> dict:
 def test_checkpoints_of_version_0_1_still_evaluate_and_train_py_says_why_it_cannot_go_on(
     trained_ckpt, shared_data_dir, tmp_path, capsys
 ):
-    from mnist_lit.cli import main as train_main
+    from mnist_lit.train import main as train_main
 
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint_of_version_0_1(torch.load(trained_ckpt, weights_only=True)), old)
@@ -154,7 +154,7 @@ def test_checkpoints_of_the_previous_version_evaluate_alike_and_the_full_stage_g
     trained_ckpt, shared_data_dir, tmp_path
 ):
     """The version before models took raw pixels kept the statistics as a buffer among the weights."""
-    from mnist_lit.cli import main as train_main
+    from mnist_lit.train import main as train_main
 
     old = tmp_path / "old.ckpt"
     torch.save(previous_version_checkpoint(torch.load(trained_ckpt, weights_only=True)), old)

@@ -7,10 +7,10 @@ import pytorch_lightning as pl
 import torch
 
 from mnist_lit import evaluate
-from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.flags import recipe_names
 from mnist_lit.module import MNISTLitModule
+from mnist_lit.train import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

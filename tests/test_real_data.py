@@ -13,10 +13,10 @@ from conftest import REAL_DATA
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lit import evaluate
-from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.idx import load_split, raw_dir
 from mnist_lit.module import MNISTLitModule
+from mnist_lit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

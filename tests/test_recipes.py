@@ -11,13 +11,13 @@ import torch
 import yaml
 from conftest import digits, loss_before_and_after_one_step
 
-from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.flags import CONFIGS, recipe_names
 from mnist_lit.inference import load_checkpoint, module_from_checkpoint
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import SlimNet
+from mnist_lit.train import main
 
 HERE = Path(__file__).resolve().parent
 # The strong recipe's bf16 autocast runs ~20x slower on CPUs without bf16 units (AVX2 only): the tests of what it

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnist_lit.cli import main as train
 from mnist_lit.experiments import records, table
+from mnist_lit.train import main as train
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {  # config.yaml's layout (RunConfig writes the resolved LightningCLI config), fewer of the defaults

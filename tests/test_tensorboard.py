@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import unavailable
 
-from mnist_lit.cli import main
+from mnist_lit.train import main
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).is_file()), None)
 if CHROMIUM is None:

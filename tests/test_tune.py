@@ -10,8 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from mnist_lit.cli import main as train
 from mnist_lit.experiments import tune
+from mnist_lit.train import main as train
 
 TUNE = Path(__file__).resolve().parents[1] / "scripts" / "tune.py"
 SPACE = """
