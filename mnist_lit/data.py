@@ -12,9 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from mnist_lit.errors import UserError
-from mnist_lit.idx import MEAN, STD, dataset_spec, ensure_raw_files, load_split, raw_dir
-
-DATA_DIR = "data"  # where the dataset's folder is (or is downloaded to) unless --data-dir says otherwise
+from mnist_lit.idx import DATA_DIR, MEAN, STD, dataset_spec, ensure_raw_files, load_split, raw_dir
 
 
 def split_indices(

@@ -18,9 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.idx import DATASETS, IMAGE_SIZE, NUM_CLASSES, dataset_spec, ensure_raw_files, load_split, raw_dir
+from mnist_lit.idx import (
+    DATA_DIR,
+    DATASETS,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    dataset_spec,
+    ensure_raw_files,
+    load_split,
+    raw_dir,
+)
 from mnist_lit.inference import Ensemble, Trained, classify, load_members, predictor
 from mnist_lit.module import MNISTLitModule
 

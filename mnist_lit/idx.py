@@ -19,6 +19,7 @@ import torch
 
 from mnist_lit.errors import UserError
 
+DATA_DIR = "data"  # where the dataset's folder is (or is downloaded to) unless --data-dir says otherwise
 FILES = {  # split -> (images, labels): the same names for all three datasets
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -2,9 +2,8 @@
 
 import sys
 
-from mnist_lit.data import DATA_DIR
 from mnist_lit.errors import ArgumentParser, exit_code
-from mnist_lit.idx import DATASETS, FILES, ensure_raw_files, load_split
+from mnist_lit.idx import DATA_DIR, DATASETS, FILES, ensure_raw_files, load_split
 
 
 def main() -> int:

@@ -46,10 +46,11 @@ def test_the_seed_recipe_learns_on_the_real_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def fast_runs(tmp_path_factory) -> list[Path]:
-    """Two one-epoch runs of the fast recipe, seeds 0 and 1 (in float32: its bf16 runs ~20x slower on CPUs without
-    bf16 units); their run folders."""
+    """Two short runs of the fast recipe, seeds 0 and 1: 100 steps of its one-epoch schedule (in float32: its bf16
+    runs ~20x slower on CPUs without bf16 units); their run folders."""
     save_dir = tmp_path_factory.mktemp("fast")
-    fast = ["--recipe", "fast", "--epochs", "1", "--precision", "32-true", "--data-dir", str(REAL_DATA), "--quiet"]
+    fast = ["--recipe", "fast", "--epochs", "1", "--trainer.limit_train_batches", "100", "--precision", "32-true"]
+    fast += ["--data-dir", str(REAL_DATA), "--quiet"]
     for seed in (0, 1):
         assert main([*fast, "--seed", str(seed), "--save-dir", str(save_dir / str(seed))]) == 0
     return [save_dir / str(seed) / "initial" / "version_0" for seed in (0, 1)]
@@ -66,7 +67,7 @@ def test_a_loaded_model_takes_the_test_images_as_mnist_stores_them(fast_runs):
     assert images.dtype == torch.uint8 and images.shape == (10000, 28, 28)
     log_probs = model(images)
     correct = int((log_probs.argmax(1) == labels).sum())
-    assert correct > 9700  # one epoch of the fast recipe reaches about 98.8 %
+    assert correct > 9700  # 100 steps of the fast recipe reach about 98.2 %
     assert evaluate.main(["--ckpt", str(ckpt), "--data-dir", str(REAL_DATA)]) == 0
     assert json.loads((run_dir / "evaluation" / "last-test" / "metrics.json").read_text())["correct"] == correct
     quiet = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}

@@ -2,5 +2,6 @@
 trials of an Optuna study (a SQLite file, or a database server shared by several machines).
 
 launch (starting runs, the study's storage) - sweep (seeds x settings, resumable) - tune (an Optuna search) -
-table (the runs table of scripts/runs.py, mean ± sd per group).
+pruning (tune's callback inside a trial's run) - records (runs as records: folders, trials) - table (the runs
+table of scripts/runs.py, mean ± sd per group).
 """

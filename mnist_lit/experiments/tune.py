@@ -1,7 +1,7 @@
 """``scripts/tune.py``: a search for the best VALIDATION accuracy of an initial-stage run over the settings a space
 file declares, by Optuna's TPE sampler (seeded); the test images are never looked at. Each trial is one train.py
 process (a run in --save-dir like any other) that reports its validation accuracy after every epoch to its trial
-(the OptunaPruning callback, given on its command line); the study's pruner stops the runs that fall behind (the
+(the callback in ``pruning.py``, given on its command line); the study's pruner stops the runs that fall behind (the
 median of the earlier trials at that epoch, or --prune-below ACC) and the trial is marked PRUNED. At the end:
 SAVE_DIR/best.yaml, the base config with the best trial's settings, for ``train.py --config``.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import optuna
 import yaml
-from pytorch_lightning.callbacks import Callback
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.experiments import launch, records, sweep
@@ -90,37 +89,6 @@ def make_pruner(prune_below: float | None) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3)
 
 
-class OptunaPruning(Callback):
-    """In a trial's train.py process: records the run folder in the trial's user attrs, reports val/acc after every
-    epoch (step: the 1-based epoch) and stops training when the study's pruner says so; tune.py then marks the trial
-    PRUNED. optuna_integration's PyTorchLightningPruningCallback subclasses ``lightning.pytorch``'s Callback, which
-    this project's ``pytorch_lightning`` Trainer does not take: hence this small one."""
-
-    def __init__(self, storage: str, study: str, trial: int, prune_below: float | None = None):
-        super().__init__()
-        self.where = storage, study, trial, prune_below
-        self.trial: optuna.Trial | None = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:  # the other DDP processes have no run folder and follow rank 0's should_stop
-            storage, name, number, prune_below = self.where
-            storage = launch.open_storage(storage)
-            study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(prune_below))
-            study_id = storage.get_study_id_from_name(name)  # the storage's public API, not the study's privates
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            self.trial = optuna.Trial(study, trial_id)
-            self.trial.set_user_attr("run_dir", str(Path(trainer.checkpoint_callback.dirpath).parent))
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self.trial is None or trainer.sanity_checking or "val/acc" not in trainer.callback_metrics:
-            return
-        epoch = trainer.current_epoch + 1
-        self.trial.report(float(trainer.callback_metrics["val/acc"]), epoch)
-        if self.trial.should_prune():
-            self.trial.set_user_attr("pruned_at_epoch", epoch)
-            trainer.should_stop = True
-
-
 def best_config(base: list[str], epochs: int | None, params: dict) -> dict:
     """The base config files merged, with --epochs and the tuned settings on top, as nested YAML settings."""
 
@@ -164,7 +132,7 @@ def tune(args, space: dict[str, dict]) -> int:
                   json.dumps(v))]  # fmt: skip
         pruning = [f"--trainer.callbacks.{k}={v}" for k, v in (("storage", args.storage), ("study", name),
                    ("trial", trial.number), ("prune_below", args.prune_below)) if v is not None]  # fmt: skip
-        callback = "--trainer.callbacks+=mnist_lit.experiments.tune.OptunaPruning"
+        callback = "--trainer.callbacks+=mnist_lit.experiments.pruning.OptunaPruning"
         launch.run_train([*args.settings, *params, callback, *pruning, *args.where], args.jobs)
         attrs = study.get_trials(deepcopy=False)[trial.number].user_attrs  # as the train.py process left them
         results = launch.results_of(Path(attrs["run_dir"])) if "run_dir" in attrs else None
