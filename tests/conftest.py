@@ -35,6 +35,14 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which it keeps within each group
+def pytest_collection_modifyitems(items):
+    """The slow tests first. pytest-xdist (``--dist loadscope``, setup.cfg) gives each worker a whole module at a
+    time, in this order: the modules with long tests go first and the short ones fill in at the end, so the workers
+    finish together (in the shuffled order, a 40 s test could start last, with the other worker idle)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def idx_bytes(array: torch.Tensor) -> bytes:
     """The IDX encoding of a uint8 tensor: magic 0x0800 + ndim, big-endian dimensions, then the bytes."""
     header = (0x800 + array.dim()).to_bytes(4, "big")

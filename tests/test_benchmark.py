@@ -32,6 +32,7 @@ def check_report(report: dict, variants: list[str]) -> None:
         assert all(figures["ratio_to_bare_auto"] is None for figures in report["variants"].values())
 
 
+@pytest.mark.slow
 def test_protocol_mode_times_both_stages(shared_data_dir, tmp_path):
     variants = ["plain", "ours"]
     report = benchmark(str(shared_data_dir), 1, 1, variants, str(tmp_path / "b.json"), protocol=True)
@@ -69,6 +70,7 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
     assert (tmp_path / "b.json").read_text() == "earlier figures"
 
 
+@pytest.mark.slow
 def test_every_variant_runs_the_same_steps_and_each_step_after_the_first_epoch_is_timed(shared_data_dir, tmp_path):
     out = tmp_path / "bench.json"
     variants = ["plain", "ours", "bare", "bare_auto", "obvious"]

@@ -49,6 +49,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(target, weights_only=True) == {"epoch": 2} and not list(tmp_path.glob("*.part"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["train-step-12", "validation-epoch-3", "ckpt-write-3"])
 def test_killed_run_resumes_to_identical_weights(moment, reference, shared_data_dir, tmp_path):
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]
@@ -88,6 +89,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_killed_full_stage_is_resumed_not_restarted(shared_data_dir, tmp_path, capsys):
     common = ["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), "--deterministic", "--quiet"]
     assert main([*common, "--epochs", "2", "--lr", "0.05"]) == 0

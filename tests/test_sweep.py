@@ -37,6 +37,7 @@ def finished_runs(save_dir: Path) -> list[Path]:
     return sorted(p.parent for p in (save_dir / "initial").glob("version_*/results.json"))
 
 
+@pytest.mark.slow
 def test_killed_sweep_given_again_runs_each_point_once_and_resumes(new_database, shared_data_dir, tmp_path):
     save_dir, hook = tmp_path / "sweep", tmp_path / "hook"
     hook.mkdir()
@@ -76,6 +77,7 @@ def test_killed_sweep_given_again_runs_each_point_once_and_resumes(new_database,
     assert once_more.returncode == 0 and "+ train.py" not in once_more.stdout and len(finished_runs(save_dir)) == 4
 
 
+@pytest.mark.slow
 def test_then_full_goes_on_from_each_points_last_checkpoint(shared_data_dir, tmp_path, capsys):
     save_dir = tmp_path / "s"
     argv = ["--seeds", "3", "--then-full", "--epochs", "1", "--full-epochs", "1", "--quiet"]

@@ -47,6 +47,7 @@ def tuned(new_database, shared_data_dir, tmp_path_factory):
     return optuna.load_study(study_name="t", storage=storage), outputs, save_dirs
 
 
+@pytest.mark.slow
 def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
     study, outputs, save_dirs = tuned
     trials = study.get_trials()
@@ -65,6 +66,7 @@ def test_two_workers_run_each_trial_once_and_prune_the_hopeless_one(tuned):
     }
 
 
+@pytest.mark.slow
 def test_best_yaml_is_a_config_train_py_takes(tuned, capsys):
     study, _, save_dirs = tuned
     written = [save_dir / "best.yaml" for save_dir in save_dirs if (save_dir / "best.yaml").exists()]
