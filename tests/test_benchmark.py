@@ -12,7 +12,7 @@ _spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" 
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 benchmark, main, measure = bench.benchmark, bench.main, bench.measure
-STEPS_PER_EPOCH = -(-288 // 64)  # conftest's 320 images, 10 % for validation, batch 64
+STEPS_PER_EPOCH = -(-288 // 64)  # helpers.write_mnist's 320 images, 10 % for validation, batch 64
 
 
 def check_report(report: dict, variants: list[str]) -> None:

@@ -7,10 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (
-    ROOT,
-    run,
-)
+from helpers import ROOT, run
 
 from mnist_lit.runs import run_dirs
 

@@ -6,11 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import (
-    epoch_lines,
-    run,
-    same_tensors,
-)
+from helpers import epoch_lines, run, same_tensors
 
 from mnist_lit.errors import UserError
 from mnist_lit.evaluate import read_scalars

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import (
+from helpers import (
     INITIAL,
     ROOT,
     epoch_lines,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import REAL_DATA, digits, idx_bytes, write_mnist
+from helpers import REAL_DATA, digits, idx_bytes, write_mnist
 
 from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import UserError

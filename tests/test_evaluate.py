@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import previous_version_checkpoint
+from helpers import previous_version_checkpoint
 
 from mnist_lit.evaluate import compute_metrics, main, read_scalars
 
@@ -101,7 +101,7 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
 
 
 def test_fashion_mnist_end_to_end_with_its_class_names(tmp_path, capsys):
-    from conftest import write_mnist
+    from helpers import write_mnist
 
     from mnist_lit.train import main as train_main
 

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import previous_version_checkpoint
+from helpers import previous_version_checkpoint
 
 import mnist_lit.export
 from mnist_lit.export import CONTRACT_KEY, main

@@ -6,7 +6,7 @@ from unittest.mock import patch
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import digits, loss_before_and_after_one_step, previous_version_checkpoint
+from helpers import digits, loss_before_and_after_one_step, previous_version_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lit.data import pixel_stats

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import digits, previous_version_checkpoint
+from helpers import digits, previous_version_checkpoint
 from PIL import Image, ImageOps
 
 from mnist_lit.predict import CSV_COLUMNS, main, to_mnist

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import REAL_DATA
+from helpers import REAL_DATA
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lit import evaluate

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import digits, loss_before_and_after_one_step
+from helpers import digits, loss_before_and_after_one_step
 
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.flags import CONFIGS, recipe_names

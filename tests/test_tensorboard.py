@@ -43,7 +43,7 @@ def poll(read, timeout: float = 60.0):
 @pytest.fixture(scope="module")
 def tensorboard(tmp_path_factory, request):
     """TensorBoard on 127.0.0.1 over a tiny initial run and the full stage from it; yields its URL."""
-    from conftest import write_mnist
+    from helpers import write_mnist
 
     root = tmp_path_factory.mktemp("tensorboard")
     data_dir, save_dir = write_mnist(root / "data"), root / "logs"
