@@ -73,21 +73,22 @@ def test_bad_requests_are_one_line_errors(shared_data_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_every_variant_runs_the_same_steps_and_each_step_after_the_first_epoch_is_timed(shared_data_dir, tmp_path):
     out = tmp_path / "bench.json"
-    variants = ["plain", "ours", "bare", "bare_auto", "obvious"]
+    variants = ["plain", "bare_auto", "obvious"]  # the reference, the Lightning floor, the unstamped tutorial
     # the one-layer net: the run is all code around the net, as when the per-step cost is measured
     report = benchmark(str(shared_data_dir), 2, 1, variants, str(out), False, net_name="linear")
     check_report(report, variants)
     assert json.loads(out.read_text()) == report
     assert report["net"] == "linear"
     # plain, ours, bare and bare_auto make the same steps on the same batches from the same initial weights
-    timed = ["plain", "ours", "bare", "bare_auto"]
-    accuracies = {v: report["variants"][v]["rounds"][0]["acc"] for v in timed}
-    assert len(set(accuracies.values())) == 1, accuracies
-    for variant in timed:
-        figures = report["variants"][variant]
-        (result,) = figures["rounds"]
+    # (ours and bare measured here, in this process, as each child measures itself: they add no report figure)
+    results = {v: report["variants"][v]["rounds"][0] for v in ("plain", "bare_auto")}
+    results |= {v: measure(v, str(shared_data_dir), 2, False, net_name="linear") for v in ("ours", "bare")}
+    assert len({result["acc"] for result in results.values()}) == 1, results
+    for result in results.values():
         assert result["steps_stamped"] == 2 * STEPS_PER_EPOCH  # every training batch, no evaluation batch
-        assert figures["step_ms"] == result["step_ms"] > 0
+        assert result["step_ms"] > 0
+    for variant in ("plain", "bare_auto"):
+        assert report["variants"][variant]["step_ms"] == results[variant]["step_ms"]
     assert report["variants"]["bare_auto"]["step_ratio_to_bare_auto"] == 1.0
     assert report["variants"]["plain"]["step_extra_ms_over_plain"] == 0.0
     assert report["variants"]["obvious"]["rounds"][0]["step_ms"] is None  # torch's DataLoader: not stamped

@@ -30,37 +30,47 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_match_one_process(shared_data_dir, tmp_path):
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    for save_dir, extra, run in ((ddp, DDP, train_script), (single, [], lambda *a: main(list(map(str, a))))):
-        run("--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "2", *ARGS, *extra)
-        run(
-            "--stage",
-            "full",
-            "--ckpt",
-            "last.ckpt",
-            "--epochs",
-            "3",
-            "--data-dir",
-            shared_data_dir,
-            "--save-dir",
-            save_dir,
-            *ARGS,
-            *extra,
-        )
+@pytest.fixture(scope="module")
+def ddp_runs(shared_data_dir, tmp_path_factory):
+    """Runs that go on from checkpoints named `last.ckpt`, made under DDP (2 processes) in `ddp`, and the same in
+    one process in `one` for comparison. In `ddp`: an initial run of 1 epoch (one process) resumed to epoch 2 under
+    DDP (version_1), the full stage to epoch 3 from it under DDP, and that full run, as if killed after its last
+    epoch, resumed to epoch 4 under DDP (full/version_1). Returns (ddp, one, the results the full run had left)."""
+    ddp, one = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("one")
 
-    # One run directory per stage: the second process wrote nothing of its own.
-    assert [p.name for p in (ddp / "initial").iterdir()] == ["version_0"]
-    assert [p.name for p in (ddp / "full").iterdir()] == ["version_0"]
-    for stage, count in (("initial", 32), ("full", 120)):
-        a, b = results(ddp / stage / "version_0"), results(single / stage / "version_0")
+    def one_process(save_dir, *argv) -> None:
+        # --devices and --strategy given: a run going on from a checkpoint takes them from its config otherwise
+        options = ["--data-dir", shared_data_dir, "--save-dir", save_dir, *ARGS, "--devices", "1", "--strategy", "auto"]
+        assert main(list(map(str, [*options, *argv]))) == 0
+
+    def two_processes(*argv) -> None:
+        train_script("--data-dir", shared_data_dir, "--save-dir", ddp, *ARGS, *DDP, *argv)
+
+    one_process(ddp, "--epochs", "1")
+    two_processes("--ckpt", "last.ckpt", "--epochs", "2")  # resumes initial/version_0 into version_1
+    two_processes("--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3")  # from initial/version_1
+    one_process(one, "--epochs", "2")
+    one_process(one, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3")
+    full = results(ddp / "full" / "version_0")
+    (ddp / "full" / "version_0" / "results.json").unlink()  # as if it had been killed after its last epoch
+    two_processes("--stage", "full", "--ckpt", "last.ckpt", "--epochs", "4")  # resumes full/version_0
+    return ddp, one, full
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(ddp_runs):
+    ddp, one, full = ddp_runs
+    # One run directory per run: the second process wrote nothing of its own.
+    assert sorted(p.name for p in (ddp / "initial").iterdir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in (ddp / "full").iterdir()) == ["version_0", "version_1"]
+    for a, stage, count in ((results(ddp / "initial" / "version_1"), "initial", 32), (full, "full", 120)):
+        b = results(one / stage / "version_0")
         assert a["processes"] == 2 and b["processes"] == 1
         assert a["count"] == b["count"] == count  # every validation / test image counted exactly once
         assert abs(a["acc"] - b["acc"]) <= 0.002
     # Each global batch is split between the ranks: the averaged gradient is the one-process gradient.
     w_ddp = torch.load(ddp / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    w_one = torch.load(single / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    w_one = torch.load(one / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert max((w_ddp[k] - w_one[k]).abs().max().item() for k in w_one if k.startswith("net.")) < 1e-5
 
 
@@ -128,24 +138,14 @@ def test_two_nodes_launched_by_torchrun(shared_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_goes_on_from_a_bare_checkpoint_name_in_every_process(shared_data_dir, tmp_path):
+def test_ddp_goes_on_from_a_bare_checkpoint_name_in_every_process(ddp_runs):
     """Rank 0 resolves `last.ckpt` before it makes the new run folder; the processes Lightning launches must use
     that file too, not resolve the name again (they would find the new, empty folder, or another run)."""
-    common = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, *ARGS]
-
-    def one_process(*argv) -> None:  # the runs that only leave checkpoints to go on from
-        # --devices and --strategy given: a run going on from a checkpoint takes them from its config otherwise
-        assert main(list(map(str, [*common, "--devices", "1", "--strategy", "auto", *argv]))) == 0
-
-    one_process("--epochs", "1")
-    train_script(*common, *DDP, "--ckpt", "last.ckpt", "--epochs", "2")  # resumes initial/version_0 into version_1
-    assert sorted(p.name for p in (tmp_path / "initial").iterdir()) == ["version_0", "version_1"]
-    resumed = results(tmp_path / "initial" / "version_1")
+    ddp, _, full = ddp_runs
+    resumed = results(ddp / "initial" / "version_1")
     assert resumed["epoch"] == 2 and resumed["ckpt_from"].endswith("initial/version_0/checkpoints/last.ckpt")
     assert resumed["processes"] == 2
-    one_process("--stage", "full", "--ckpt", "last.ckpt", "--epochs", "3")
-    (tmp_path / "full" / "version_0" / "results.json").unlink()  # as if it had been killed after its last epoch
-    train_script(*common, *DDP, "--stage", "full", "--ckpt", "last.ckpt", "--epochs", "4")  # resumes full/version_0
-    again = results(tmp_path / "full" / "version_1")
+    assert full["epoch"] == 3 and full["ckpt_from"].endswith("initial/version_1/checkpoints/last.ckpt")
+    again = results(ddp / "full" / "version_1")
     assert again["epoch"] == 4 and again["ckpt_from"].endswith("full/version_0/checkpoints/last.ckpt")
     assert again["processes"] == 2 and again["count"] == 120

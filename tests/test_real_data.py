@@ -38,10 +38,10 @@ def test_prepare_data_checks_the_official_files():
 
 def test_the_seed_recipe_learns_on_the_real_images(tmp_path):
     argv = ["--data-dir", str(REAL_DATA), "--save-dir", str(tmp_path), "--epochs", "1", "--quiet"]
-    assert main([*argv, "--trainer.limit_train_batches", "400"]) == 0  # about half of the first epoch
+    assert main([*argv, "--trainer.limit_train_batches", "250"]) == 0  # about a quarter of the first epoch
     results = json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())
     assert results["count"] == 6000  # the 10 % validation split of the 60k training images
-    assert results["acc"] > 0.93  # 400 steps of the original recipe reach about 94 % (a whole epoch about 96 %)
+    assert results["acc"] > 0.88  # 250 steps of the original recipe reach 90.6 % (400: 94 %, an epoch: 96 %)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,16 @@ from mnist_lit.experiments import sweep
 
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE.parent / "scripts" / "sweep.py"
-# A sitecustomize module (imported by every Python process at start-up) that arms the third new train.py run of
+# A sitecustomize module (imported by every Python process at start-up) that arms the second new train.py run of
 # the sweep (GridSampler's order) to SIGKILL its process group, the sweep and itself, in the validation of epoch 2,
-# after epoch 1's last.ckpt: a crash of the whole sweep at a known moment, after its second run finished.
+# after epoch 1's last.ckpt: a crash of the whole sweep at a known moment, after its first run finished and before
+# its third started.
 HOOK = f"""
 import os, signal, sys
 if sys.argv[0].endswith("train.py") and "--ckpt" not in sys.argv:
     with open(os.environ["SWEEP_TEST_STARTED"], "a") as started:  # one byte per run started
         started.write("x")
-    if os.path.getsize(os.environ["SWEEP_TEST_STARTED"]) == 3:
+    if os.path.getsize(os.environ["SWEEP_TEST_STARTED"]) == 2:
         sys.path.insert(0, {str(HERE)!r})
         import kill_at
         kill_at.die = lambda: os.killpg(0, signal.SIGKILL)
@@ -42,14 +43,14 @@ def test_killed_sweep_given_again_runs_each_point_once_and_resumes(new_database,
     save_dir, hook = tmp_path / "sweep", tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HOOK)
-    grid = ["--seeds", "0-1", "--set", "model.lr=0.02,0.05", "--epochs", "2", "--quiet", "--heartbeat", "1"]
+    grid = ["--seeds", "0-2", "--set", "model.lr=0.05", "--epochs", "2", "--quiet", "--heartbeat", "1"]
     grid += ["--storage", new_database()]
     command = [sys.executable, str(SWEEP), *grid, "--data-dir", str(shared_data_dir), "--save-dir", str(save_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     env["SWEEP_TEST_STARTED"] = str(hook / "started")
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert len(finished_runs(save_dir)) == 2
+    assert len(finished_runs(save_dir)) == 1
     interrupted = [p.parent.parent for p in (save_dir / "initial").glob("version_*/checkpoints/last.ckpt")]
     interrupted = [run for run in interrupted if not (run / "results.json").exists()]
     assert len(interrupted) == 1
@@ -62,7 +63,7 @@ def test_killed_sweep_given_again_runs_each_point_once_and_resumes(new_database,
         args = shlex.split((run / "command.txt").read_text())
         points.append((args[args.index("--seed_everything") + 1], args[args.index("--model.lr") + 1]))
         assert json.loads((run / "results.json").read_text())["epoch"] == 2
-    assert sorted(points) == [("0", "0.02"), ("0", "0.05"), ("1", "0.02"), ("1", "0.05")]  # each point once
+    assert sorted(points) == [("0", "0.05"), ("1", "0.05"), ("2", "0.05")]  # each point once
     resumed = [run for run in runs if "--ckpt" in (run / "command.txt").read_text()]
     assert len(resumed) == 1 and json.loads((resumed[0] / "results.json").read_text())["ckpt_from"] == str(
         interrupted[0] / "checkpoints" / "last.ckpt"
@@ -71,10 +72,10 @@ def test_killed_sweep_given_again_runs_each_point_once_and_resumes(new_database,
     table = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "model.lr"]) :]
     assert table[0].split() == ["stage", "model.lr", "n", "acc", "%", "mean", "sd", "other", "runs"]
     groups = {row.split()[1]: (row.split()[0], row.split()[2], row.split()[-1]) for row in table[1:]}
-    assert groups == {lr: ("initial", "2", "0") for lr in ("0.02", "0.05")}  # n, others: the study's finished runs
+    assert groups == {"0.05": ("initial", "3", "0")}  # n, others: the study's finished runs
 
     once_more = subprocess.run(command, capture_output=True, text=True, timeout=300)  # done: nothing runs again
-    assert once_more.returncode == 0 and "+ train.py" not in once_more.stdout and len(finished_runs(save_dir)) == 4
+    assert once_more.returncode == 0 and "+ train.py" not in once_more.stdout and len(finished_runs(save_dir)) == 3
 
 
 @pytest.mark.slow
