@@ -13,7 +13,9 @@
 # Relative paths are taken from the current folder, as with any command. OUT_DIR may exist (a second call
 # with other parts adds to it); a part never reuses another call's runs: each gets a new folder.
 # ACCELERATOR=cpu runs it all on the CPU instead: a rehearsal on small files (tests/test_gpu_check.py), where
-# FAST_SEEDS (default "0 1 2 3 4") set to two seeds spares it three runs of the same code.
+# FAST_SEEDS (default "0 1 2 3 4") set to two seeds spares it three runs of the same code, and PROTOCOL_EPOCHS
+# (default 20: the initial stage's epochs in the protocol part, of run_all.sh and of the plain loop, whose full
+# stage trains as many again) set to 2 most of the protocol's epochs.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=$(realpath -m "${1:?usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]}")
@@ -23,6 +25,7 @@ parts=${*:-tests bench fast protocol strong levers}
 PY=${PYTHON:-python}
 ACCELERATOR=${ACCELERATOR:-gpu}
 FAST_SEEDS=${FAST_SEEDS:-0 1 2 3 4}
+PROTOCOL_EPOCHS=${PROTOCOL_EPOCHS:-20}
 export PYTHONUNBUFFERED=1
 # run_all.sh calls `python`: make it $PY (a wrapper, not a link: a link to a venv's python leaves the venv)
 shim=$(mktemp -d) && printf '#!/bin/sh\nexec %q "$@"\n' "$(command -v "$PY")" > "$shim/python" &&
@@ -115,12 +118,13 @@ for part in $parts; do
       recipe_runs fast fast "" $FAST_SEEDS ;;
     protocol)
       dir=$(new_dir protocol)
-      { time bash "$root/scripts/run_all.sh" "$DATA_DIR" "$dir/runs" > "$dir/run_all.log" 2>&1 || failed=1; } \
-        2> "$dir/process_s"
+      { time bash "$root/scripts/run_all.sh" "$DATA_DIR" "$dir/runs" --epochs "$PROTOCOL_EPOCHS" > "$dir/run_all.log" \
+        2>&1 || failed=1; } 2> "$dir/process_s"
       tail -3 "$dir/run_all.log" | sed 's/^/run_all.sh: /' | tee -a "$report"
       say "run_all.sh: whole script $(cat "$dir/process_s") s"
-      "$PY" "$root/benchmarks/benchmark.py" --accelerator "$ACCELERATOR" --data-dir "$DATA_DIR" --protocol --epochs 20 \
-        --rounds 1 --variants plain --out "$dir/plain_protocol.json" 2>&1 | tee -a "$report" || failed=1 ;;
+      "$PY" "$root/benchmarks/benchmark.py" --accelerator "$ACCELERATOR" --data-dir "$DATA_DIR" --protocol \
+        --epochs "$PROTOCOL_EPOCHS" --rounds 1 --variants plain --out "$dir/plain_protocol.json" 2>&1 \
+        | tee -a "$report" || failed=1 ;;
     strong)
       recipe_runs strong strong "" 0 1 2 ;;
     levers)

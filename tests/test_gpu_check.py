@@ -20,7 +20,9 @@ def gpu_check(*args, **env) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_fast_and_protocol_parts_report_their_figures(shared_data_dir, tmp_path):
-    run = gpu_check(shared_data_dir, tmp_path / "gc", "fast", "protocol", ACCELERATOR="cpu", FAST_SEEDS="0 3")
+    run = gpu_check(
+        shared_data_dir, tmp_path / "gc", "fast", "protocol", ACCELERATOR="cpu", FAST_SEEDS="0 3", PROTOCOL_EPOCHS="2"
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = (tmp_path / "gc" / "gpu_check_cpu.txt").read_text().splitlines()
     assert lines[0].endswith("scripts/gpu_check.sh, parts: fast protocol") and lines[-1] == "# exit 0"
@@ -32,7 +34,7 @@ def test_fast_and_protocol_parts_report_their_figures(shared_data_dir, tmp_path)
     assert len(mean) == 1 and re.search(rf"test {NUMBER}% \(sd {NUMBER}\)$", mean[0])
     assert sorted(p.name for p in (tmp_path / "gc" / "fast").glob("seed*/initial/version_0")) == ["version_0"] * 2
     # run_all.sh ran (with this interpreter as its `python`) and the plain loop's protocol beside it
-    assert any(re.fullmatch(rf"run_all.sh: full +epoch 40 +test \d+/120 \({NUMBER}%\).*", line) for line in lines)
+    assert any(re.fullmatch(rf"run_all.sh: full +epoch 22 +test \d+/120 \({NUMBER}%\).*", line) for line in lines)
     assert any(re.fullmatch(rf"run_all.sh: whole script {NUMBER} s", line) for line in lines)
     assert any(re.fullmatch(rf" +plain +{NUMBER} s/epoch +{NUMBER} ms/step +1.000x plain.*", line) for line in lines)
 
