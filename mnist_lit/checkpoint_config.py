@@ -1,4 +1,5 @@
-"""A checkpoint's stored settings, read as data.
+"""A checkpoint read as data: its contents (tensors and plain data only), the settings it records, and the config
+stored in it.
 
 ``train.py --ckpt X`` starts from the config stored inside the checkpoint. LightningCLI instantiates any
 ``class_path`` a config names and resolves import paths given for callables, so a checkpoint from elsewhere
@@ -8,12 +9,45 @@ reads and writes comes from the command line (or the defaults), never from the c
 ``--trust-checkpoint-config`` skips the check for a checkpoint the user vouches for.
 """
 
+import pickle
 import re
+from pathlib import Path
 
+import torch
 import yaml
 
 from mnist_lit.errors import UserError
 from mnist_lit.runs import PATH_KEYS
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
+    if Path(path).is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:  # the pickle names a function or class: loading it could run code
+            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
+        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError ... for truncated or foreign files
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
+        ) from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "stage" not in run_settings(ckpt) or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
+    return ckpt
+
+
+def run_settings(ckpt: dict) -> dict:
+    """The model's and the data's settings a checkpoint records (stage, dataset, seed, net, ...). Checkpoints of
+    mnist_lit 0.1 kept stage and dataset among the model's hyperparameters; they are read the same way."""
+    return {**ckpt.get("hyper_parameters", {}), **ckpt.get("datamodule_hyper_parameters", {})}
+
 
 # Classes a stored config may name, with the arguments it may set for them: plain values only, no paths and no
 # callables (an argument not listed, e.g. EMA's multi_avg_fn, must be null).

@@ -24,11 +24,11 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_lit import callbacks
-from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config
+from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config, load_checkpoint
 from mnist_lit.data import MNISTDataModule, eval_split_of
 from mnist_lit.errors import UserError
 from mnist_lit.flags import CONFIGS
-from mnist_lit.inference import load_checkpoint, module_from_checkpoint
+from mnist_lit.inference import module_from_checkpoint
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import draws_random_numbers
 from mnist_lit.runs import launched_as_rank_zero, new_run_dir, resolve_ckpt

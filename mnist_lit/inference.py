@@ -1,10 +1,9 @@
-"""Using a trained model outside training: read a checkpoint safely, rebuild the model, classify pixels; several
-checkpoints as one ensemble, and test-time augmentation."""
+"""Using a trained model outside training: rebuild the model from a checkpoint (read safely by
+``checkpoint_config.load_checkpoint``), classify pixels; several checkpoints as one ensemble, and test-time
+augmentation."""
 
 import inspect
 import math
-import pickle
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,38 +12,10 @@ import torch
 from torch import nn
 
 from mnist_lit.augment import TTA_VIEWS, tta_view
+from mnist_lit.checkpoint_config import load_checkpoint, run_settings
 from mnist_lit.errors import UserError
 from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
-    if Path(path).is_dir():
-        raise UserError(f"{path}: a folder, not a checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found:  # the pickle names a function or class: loading it could run code
-            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
-        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
-    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError ... for truncated or foreign files
-        raise UserError(
-            f"{path}: not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
-        ) from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "stage" not in run_settings(ckpt) or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
-    return ckpt
-
-
-def run_settings(ckpt: dict) -> dict:
-    """The model's and the data's settings a checkpoint records (stage, dataset, seed, net, ...). Checkpoints of
-    mnist_lit 0.1 kept stage and dataset among the model's hyperparameters; they are read the same way."""
-    return {**ckpt.get("hyper_parameters", {}), **ckpt.get("datamodule_hyper_parameters", {})}
 
 
 @dataclass

@@ -11,9 +11,10 @@ import torch
 import yaml
 from helpers import digits, loss_before_and_after_one_step
 
+from mnist_lit.checkpoint_config import load_checkpoint
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.flags import CONFIGS, recipe_names
-from mnist_lit.inference import load_checkpoint, module_from_checkpoint
+from mnist_lit.inference import module_from_checkpoint
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import SlimNet
