@@ -14,8 +14,8 @@
 # with other parts adds to it); a part never reuses another call's runs: each gets a new folder.
 # ACCELERATOR=cpu runs it all on the CPU instead: a rehearsal on small files (tests/test_gpu_check.py), where
 # FAST_SEEDS (default "0 1 2 3 4") set to two seeds spares it three runs of the same code, and PROTOCOL_EPOCHS
-# (default 20: the initial stage's epochs in the protocol part, of run_all.sh and of the plain loop, whose full
-# stage trains as many again) set to 2 most of the protocol's epochs.
+# (default 20: the protocol part's initial-stage epochs, in run_all.sh and in the plain loop; the plain loop's full
+# stage trains as many again, run_all.sh's its configs/full.yaml 20) set to 2 most of the protocol's epochs.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=$(realpath -m "${1:?usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]}")

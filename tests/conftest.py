@@ -63,11 +63,10 @@ def _no_download(monkeypatch):
 @pytest.fixture(scope="session")
 def trained_ckpt(shared_data_dir, tmp_path_factory) -> Path:
     """A tiny model trained for 3 epochs on the small IDX files: the last.ckpt of its initial-stage run."""
-    from mnist_lit.train import main
+    from helpers import run
 
     save_dir = tmp_path_factory.mktemp("trained")
-    argv = ["--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "3", "--lr", "0.05", "--quiet"]
-    assert main([str(a) for a in argv]) == 0
+    assert run("--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", "3", "--lr", "0.05", "--quiet") == 0
     return save_dir / "initial" / "version_0" / "checkpoints" / "last.ckpt"
 
 
