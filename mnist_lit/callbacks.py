@@ -1,32 +1,22 @@
-"""The project's additions to Lightning, each through Lightning's own extension points (callbacks, a CheckpointIO
-plugin, a ModelCheckpoint subclass, loggers): numbered and last checkpoints, atomic writes, a line per epoch,
-TensorBoard's layout, the divergence stop, the full stage's fresh optimizer, EMA with recomputed BatchNorm statistics,
-the run's config."""
+"""The project's callbacks, each through Lightning's own extension points: numbered and last checkpoints, the
+progress bar counting epochs from 1, the divergence stop, the full stage's fresh optimizer, dropout draws that
+survive a resume, EMA with recomputed BatchNorm statistics, and the checks of the callback state a checkpoint
+brings back."""
 
-import inspect
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
-from lightning_fabric.utilities.logger import _flatten_dict
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer, TQDMProgressBar
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
-from pytorch_lightning.cli import SaveConfigCallback
-from pytorch_lightning.core.saving import save_hparams_to_yaml
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
-from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.tensorboard.summary import hparams
 
+from mnist_lit.checkpoint_io import own_file
 from mnist_lit.data import seeded_generator
 from mnist_lit.errors import UserError
-from mnist_lit.module import format_eval
-from mnist_lit.runs import OUTPUT_SWITCHES, PATH_KEYS
+from mnist_lit.schema import SchemaError, check_mapping, shown
 
 log = logging.getLogger("mnist_lit")
 
@@ -61,118 +51,12 @@ def last_checkpoint(dirpath: Path | None) -> ModelCheckpoint:
     )
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, flush it to disk, then rename: a killed run never leaves a torn checkpoint."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".part")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-
-
 class EpochProgressBar(TQDMProgressBar):
     """Lightning's progress bar, counting epochs from 1 like the logs and checkpoint names."""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
-
-
-def eval_summary(metrics: dict, split: str) -> tuple[str, int | None, int | None]:
-    """An evaluation's metrics as 'val 5910/6000 (98.50%)', with its correct and total counts (None: none ran)."""
-    if f"{split}/acc" not in metrics:
-        return f"{split} -", None, None
-    count = int(metrics[f"{split}/count"])
-    correct = round(float(metrics[f"{split}/acc"]) * count)
-    return format_eval(split, correct, count), correct, count
-
-
-class EpochLines(Logger):
-    """A logger that prints one line per epoch, as the original did: ``epoch 20 lr 0.0001 train loss 0.0424 val
-    5884/6000 (98.07%)``. Lightning hands every logger the epoch's values once they are computed (rank 0 only):
-    the evaluation's and the lr first, then the training epoch's, which complete the line."""
-
-    def __init__(self):
-        super().__init__()
-        self.latest: dict[str, float] = {}
-
-    @property
-    def name(self) -> str:
-        return "epoch_lines"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.latest.update(metrics)
-        if "train/loss" not in metrics:
-            return
-        split = "test" if "test/acc" in self.latest else "val"
-        line = f"epoch {int(metrics['epoch']) + 1} lr {self.latest.get('lr', math.nan):g} train loss "
-        log.info("%s%.4f %s", line, metrics["train/loss"], eval_summary(self.latest, split)[0])
-
-
-SPLITS = ("train", "val", "test")
-# The Custom Scalars page: every split and stage of a metric on one chart (a run's stages share one step axis).
-LAYOUT = {
-    "curves": {
-        "accuracy": ["Multiline", [r"^acc/(train|val|test)$"]],
-        "loss": ["Multiline", [r"^loss/(train|val|test)$"]],
-        "learning rate": ["Multiline", [r"^lr$"]],
-    }
-}
-
-
-def tensorboard_tag(key: str) -> str | None:
-    """A logged metric's TensorBoard tag, metric first: ``val/acc`` -> ``acc/val``, ``val/acc_best`` ->
-    ``acc/val_best``. TensorBoard groups tags by their first part, alphabetically, and opens the first groups: so
-    its pages open on accuracy and loss. None for what is no curve: Lightning's ``epoch`` counter and the
-    constant image counts (``val/count``, in results.json and the epoch lines)."""
-    split, _, name = key.partition("/")
-    if key == "epoch" or name == "count":
-        return None
-    if split not in SPLITS or not name:
-        return key
-    metric, _, suffix = name.partition("_")
-    return f"{metric}/{split}" + (f"_{suffix}" if suffix else "")
-
-
-class TensorBoard(TensorBoardLogger):
-    """Lightning's TensorBoardLogger, laid out for this project: tags from ``tensorboard_tag``, the Custom Scalars
-    page of ``LAYOUT``, and HPARAMS rows without one-point ``hp/`` charts: TensorBoard takes each row's metrics
-    from the run's own curves (their last values), its columns from all runs, those that differ first."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, default_hp_metric=False, **kwargs)
-        self.layout_written = False
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self.layout_written:
-            self.experiment.add_custom_scalars(LAYOUT)
-            self.layout_written = True
-        tags = ((tensorboard_tag(key), value) for key, value in metrics.items())
-        super().log_metrics({tag: value for tag, value in tags if tag}, step)
-
-    @rank_zero_only
-    def log_hyperparams(self, params, metrics=None, step: int | None = None) -> None:
-        super().log_hyperparams(params)  # keeps them (hparams.yaml); writes nothing without metrics
-        if metrics:
-            # Only the session's start and end: an experiment summary (hparams()'s first) would fix the columns
-            # to this run's, and TensorBoard reads one run's experiment only.
-            _, start, end = hparams(self._sanitize_params(_flatten_dict(params)), {})
-            writer = self.experiment._get_file_writer()
-            writer.add_summary(start, step)
-            writer.add_summary(end, step)
 
 
 class DivergenceStop(EarlyStopping):
@@ -233,67 +117,78 @@ class EMAWithFreshBatchNorm(EMAWeightAveraging):
         log.info("EMA: BatchNorm statistics recomputed from the training images, %.1f s", time.perf_counter() - start)
 
 
-def changed_trainer_settings(trainer_config: dict) -> dict:
-    """The Trainer settings of a config that differ from the Trainer's defaults (callbacks by class name)."""
-    defaults = inspect.signature(pl.Trainer).parameters
-    changed = {k: v for k, v in trainer_config.items() if k in defaults and v != defaults[k].default}
-    if changed.get("callbacks"):
-        callbacks = changed["callbacks"] if isinstance(changed["callbacks"], list) else [changed["callbacks"]]
-        changed["callbacks"] = ", ".join(str(c.get("class_path", c)).rsplit(".", 1)[-1] for c in callbacks)
-    return changed
+class CheckedRestore(Callback):
+    """The callback state a run goes on from, read as data. Lightning restores each callback's state from the
+    checkpoint: a ModelCheckpoint's file paths (on its first save it removes the "previous" file it names), an
+    EarlyStopping's counters and patience, a Timer's elapsed time. Before they are restored: the paths are kept
+    only where they are files of this run's own checkpoints folder (the others become ""); the stopping state is
+    checked against the run's own settings on a resume, and dropped when a new stage starts; everything is
+    checked for its type; the states of callbacks this run does not have are dropped."""
+
+    def __init__(self, new_stage: bool):
+        self.new_stage = new_stage
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        stored, checked = checkpoint.get("callbacks") or {}, {}
+        for callback in trainer.callbacks:
+            state = stored.get(callback.state_key)
+            if state is None or self.new_stage and isinstance(callback, (EarlyStopping, Timer)):
+                continue
+            try:
+                if isinstance(callback, ModelCheckpoint):
+                    state = own_paths(state, callback.dirpath)
+                elif isinstance(callback, EarlyStopping):
+                    check_stopping_state(state, callback)
+                else:
+                    check_state(state, RESTORED_STATE)
+            except SchemaError as err:
+                raise UserError(
+                    f"{trainer.ckpt_path}: its state of {type(callback).__name__} is refused: {err}"
+                ) from None
+            checked[callback.state_key] = state
+        checkpoint["callbacks"] = checked
 
 
-# Where a run reads and writes, what it prints, the project's fixed Trainer settings, and values derived from
-# others (the full stage's length is in trainer.max_epochs, eval_split follows the stage, pixel_stats the data):
-# not the experiment.
-NOT_SETTINGS = {
-    *PATH_KEYS, *OUTPUT_SWITCHES, "data.eval_batch_size", "full_epochs", "model.eval_split", "model.pixel_stats",
-    "trainer.logger", "trainer.num_sanity_val_steps", "trainer.use_distributed_sampler",
+# The state Lightning's callbacks keep, as plain values (scores aside: tensors, see check_state).
+CHECKPOINT_STATE = {
+    "monitor": str | None, "dirpath": str | None, "best_model_path": str, "kth_best_model_path": str,
+    "last_model_path": str, "best_k_models": dict, "best_model_score": object, "current_score": object,
+    "kth_value": object,
 }  # fmt: skip
+STOPPING_STATE = {
+    "wait_count": int, "stopped_epoch": int, "patience": int, "stopping_reason": int,
+    "stopping_reason_message": str | None, "best_score": object,
+}  # fmt: skip
+RESTORED_STATE = {"time_elapsed": dict[str, float], "latest_update_step": int}  # Timer's, EMA's
+SCORES = ("best_model_score", "current_score", "kth_value", "best_score")
 
 
-def experiment_settings(config: dict) -> dict:
-    """The settings that describe a run's experiment, recipe first: the config without paths and switches, and
-    only the Trainer settings that differ from its defaults."""
-    config = {**config, "trainer": changed_trainer_settings(config.get("trainer", {}))}
-    order = ["recipe", "stage", "seed_everything", "model", "data", "trainer"]
-    settings = {}
-    for key in sorted(config, key=lambda k: order.index(k) if k in order else len(order)):
-        value = config[key]
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if f"{key}.{k}" not in NOT_SETTINGS}
-        if key not in NOT_SETTINGS:
-            settings[key] = value
-    return settings
+def check_state(state, types: dict) -> None:
+    """SchemaError unless ``state`` holds only these keys with values of these types, its scores None or one
+    number (a tensor)."""
+    if not isinstance(state, dict):
+        raise SchemaError("state", f"{shown(state)} is not a mapping")
+    check_mapping({key: value for key, value in state.items() if types.get(key) is not object}, types, "")
+    scores = [(key, state[key]) for key in SCORES if key in state]
+    scores += [(f"best_k_models[{shown(path)}]", score) for path, score in state.get("best_k_models", {}).items()]
+    for key, score in scores:
+        if score is not None and not (isinstance(score, torch.Tensor) and score.numel() == 1):
+            raise SchemaError(key, f"{shown(score)} is not a score")
 
 
-class RunConfig(SaveConfigCallback):
-    """The run's resolved config, the way LightningCLI keeps it (``config.yaml``), also written into every
-    checkpoint (so a resume or the full stage starts from the run's own settings) and, at the end, to the
-    loggers as the run's hyperparameters with its final accuracy (TensorBoard's HPARAMS tab compares runs)."""
+def own_paths(state: dict, folder) -> dict:
+    """A ModelCheckpoint's state with only the paths that are files of ``folder``; the others become ""."""
+    check_state(state, CHECKPOINT_STATE)
+    paths = {key: state[key] for key in ("best_model_path", "kth_best_model_path", "last_model_path") if key in state}
+    own = {key: str(own_file(path, folder) or "") for key, path in paths.items()}
+    best_k = {path: score for path, score in state.get("best_k_models", {}).items() if own_file(path, folder)}
+    return {**state, **own, "best_k_models": best_k}
 
-    def __init__(self, parser, config, run_dir: Path | None = None, **kwargs):
-        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
-        self.run_dir = run_dir
-        self.text = parser.dump(config, skip_unset=False)  # plain YAML: safe in a weights_only checkpoint
 
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.run_dir is not None:  # rank 0 only; the other processes have no run folder
-            (self.run_dir / self.config_filename).write_text(self.text)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["config"] = self.text
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        split = pl_module.eval_split
-        if not trainer.is_global_zero or f"{split}/acc" not in trainer.callback_metrics:
-            return
-        settings = experiment_settings(yaml.safe_load(self.text))
-        final = {f"{split}/acc": float(trainer.callback_metrics[f"{split}/acc"])}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoard):
-                logger.log_hyperparams(settings, final)
-            else:
-                logger.log_hyperparams(settings)
-        if self.run_dir is not None:  # Lightning wrote it empty at the start (the classes log no hparams)
-            save_hparams_to_yaml(self.run_dir / "hparams.yaml", settings)
+def check_stopping_state(state: dict, callback: EarlyStopping) -> None:
+    """An EarlyStopping's counters as the run's own settings allow them: its patience, a wait within it."""
+    check_state(state, STOPPING_STATE)
+    if state.get("patience") != callback.patience:
+        raise SchemaError("patience", f"{shown(state.get('patience'))} is not the run's {callback.patience}")
+    if not 0 <= state.get("wait_count", 0) <= callback.patience or state.get("stopped_epoch", 0) < 0:
+        raise SchemaError("wait_count", f"{shown(state.get('wait_count'))} is not within the patience")

@@ -1,124 +1,193 @@
-"""A checkpoint read as data: its contents (tensors and plain data only), the settings it records, and the config
-stored in it.
+"""The settings a checkpoint stores (its run's config), read through a schema, never by a config parser.
 
-``train.py --ckpt X`` starts from the config stored inside the checkpoint. LightningCLI instantiates any
-``class_path`` a config names and resolves import paths given for callables, so a checkpoint from elsewhere
-could choose which code runs. Before that config is parsed, ``checkpoint_config`` refuses anything in it that
-names code, unless it is on the short allow-list below, and drops the paths it holds, so that where a new run
-reads and writes comes from the command line (or the defaults), never from the checkpoint.
-``--trust-checkpoint-config`` skips the check for a checkpoint the user vouches for.
+``train.py --ckpt X`` starts from the settings stored in the checkpoint. A config parser would do what such a
+file says: instantiate the classes it names, parse a string again as YAML, read a string as a file. So the stored
+YAML is first read as plain data (small, not deeply nested, no anchors or aliases) and every key checked against
+this project's settings: the model's and the data's (their constructors' annotations), the Trainer's plain flags,
+and callbacks from a short allow-list, named in full in the ``class_path``/``init_args`` form, with plain
+arguments. A value must be of its setting's type: a string stays a string. Where a run reads and writes (its
+paths) and its loggers are dropped: they come from the command line. Anything else is refused with one line
+naming the key, before a run folder is made, unless ``--trust-checkpoint-config``.
 """
 
-import pickle
-import re
-from pathlib import Path
+import inspect
+from typing import Literal
 
-import torch
+import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.callbacks import DeviceStatsMonitor, EarlyStopping, LearningRateMonitor, ModelSummary, Timer
 
+from mnist_lit.callbacks import EMAWithFreshBatchNorm
+from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError
+from mnist_lit.idx import DATASETS
+from mnist_lit.module import MNISTLitModule
+from mnist_lit.net import NETS, net_option_types
 from mnist_lit.runs import PATH_KEYS
+from mnist_lit.schema import Matching, SchemaError, check, check_mapping, shown, signature_types
 
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint safely (tensors and plain data only) and check it is one of ours."""
-    if Path(path).is_dir():
-        raise UserError(f"{path}: a folder, not a checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found:  # the pickle names a function or class: loading it could run code
-            raise UserError(f"{path}: refused, it asks to load {found[1]} (only tensors and plain data)") from None
-        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
-    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError ... for truncated or foreign files
-        raise UserError(
-            f"{path}: not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
-        ) from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "stage" not in run_settings(ckpt) or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not an mnist_lit checkpoint (no stage or weights in it)")
-    return ckpt
-
-
-def run_settings(ckpt: dict) -> dict:
-    """The model's and the data's settings a checkpoint records (stage, dataset, seed, net, ...). Checkpoints of
-    mnist_lit 0.1 kept stage and dataset among the model's hyperparameters; they are read the same way."""
-    return {**ckpt.get("hyper_parameters", {}), **ckpt.get("datamodule_hyper_parameters", {})}
-
-
-# Classes a stored config may name, with the arguments it may set for them: plain values only, no paths and no
-# callables (an argument not listed, e.g. EMA's multi_avg_fn, must be null).
-ALLOWED_CLASSES = {
-    "mnist_lit.callbacks.EMAWithFreshBatchNorm": {
-        "device", "use_buffers", "decay", "update_every_n_steps", "update_starting_at_step",
-        "update_starting_at_epoch",
-    },
-    "pytorch_lightning.callbacks.EarlyStopping": {
-        "monitor", "min_delta", "patience", "verbose", "mode", "strict", "check_finite", "stopping_threshold",
-        "divergence_threshold", "check_on_train_epoch_end", "log_rank_zero_only",
-    },
-    "pytorch_lightning.callbacks.LearningRateMonitor": {"logging_interval", "log_momentum", "log_weight_decay"},
-    "pytorch_lightning.callbacks.DeviceStatsMonitor": {"cpu_stats"},
-    "pytorch_lightning.callbacks.ModelSummary": {"max_depth"},
-    "pytorch_lightning.callbacks.Timer": {"duration", "interval", "verbose"},
-}  # fmt: skip
-# A dotted name such as ``builtins.print``: jsonargparse resolves such a string to the object it names.
-IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 TRUST_FLAG = "--trust-checkpoint-config"
+MAX_BYTES = 64 * 1024  # a stored config is ~2 KB
+MAX_DEPTH = 6  # levels of nesting: trainer.callbacks[0].init_args.duration.hours is 5
+
+# Set by the command line, never by a checkpoint: where a run reads and writes, and what it logs to.
+DROPPED = {*PATH_KEYS, "trainer.logger"}
+# Set from other settings as the run is made (LightningCLI's links): not in a config.
+LINKED = {"seed", "eval_split", "pixel_stats", "stage"}
+
+TOP_LEVEL = {
+    "seed_everything": int,
+    "stage": Literal["initial", "full"],
+    "save_freq": int,
+    "quiet": bool,
+    "full_epochs": int | None,
+    "recipe": Matching.of(r"[\w.-]{1,64}", "a recipe name"),
+}
+DEVICE = Matching.of(r"(cpu|cuda|mps|auto)(:\d+)?", "a device name")
+DURATION = Matching.of(r"\d{1,3}:\d\d:\d\d:\d\d", "DD:HH:MM:SS") | dict[str, int] | None
+# The Trainer's flags with the types they take from a file: their own annotations, except where those admit
+# objects or free strings (a Strategy, a Profiler, a registry name).
+TRAINER_TYPES = {
+    **signature_types(pl.Trainer),
+    "accelerator": Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"],
+    "strategy": Matching.of(
+        r"auto|ddp(_spawn|_fork|_notebook)?(_find_unused_parameters_(true|false))?", "a DDP strategy"
+    ),
+    "devices": int | list[int] | Matching.of(r"auto|-1|\d+(,\d+)*,?", "auto, -1 or device numbers"),
+    "max_time": DURATION,
+    "val_check_interval": int | float | None,
+    "gradient_clip_algorithm": Literal["norm", "value"] | None,
+    "profiler": Literal["simple", "advanced", "pytorch"] | None,
+    "model_registry": None,
+}
 
 
-def checkpoint_config(text: str, source) -> str:
-    """The config stored in a checkpoint as YAML to parse: its paths dropped; UserError if it names code that is
-    not allowed."""
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError:
-        config = None
+def argument_types(cls, names: str, **narrower) -> dict:
+    """The arguments a file may set for ``cls``: ``names`` with the constructor's types, and those ``narrower``."""
+    declared = signature_types(cls)
+    return {**{name: declared[name] for name in names.split()}, **narrower}
+
+
+# The callbacks a stored config may name (in full), with the arguments it may set.
+CALLBACK_TYPES = {
+    "mnist_lit.callbacks.EMAWithFreshBatchNorm": argument_types(
+        EMAWithFreshBatchNorm,
+        "use_buffers decay update_every_n_steps update_starting_at_step update_starting_at_epoch",
+        device=DEVICE | int | None,
+    ),
+    "pytorch_lightning.callbacks.EarlyStopping": argument_types(
+        EarlyStopping,
+        "monitor min_delta patience verbose strict check_finite stopping_threshold divergence_threshold "
+        "check_on_train_epoch_end log_rank_zero_only",
+        mode=Literal["min", "max"],
+    ),
+    "pytorch_lightning.callbacks.LearningRateMonitor": argument_types(
+        LearningRateMonitor, "logging_interval log_momentum log_weight_decay"
+    ),
+    "pytorch_lightning.callbacks.DeviceStatsMonitor": argument_types(DeviceStatsMonitor, "cpu_stats"),
+    "pytorch_lightning.callbacks.ModelSummary": argument_types(ModelSummary, "max_depth"),
+    "pytorch_lightning.callbacks.Timer": argument_types(
+        Timer, "verbose", duration=DURATION, interval=Literal["step", "epoch"]
+    ),
+}
+
+
+def model_types(linked: bool = False) -> dict:
+    """The model's settings and their types (with ``linked``: also those the run sets, as a checkpoint's
+    hyperparameters hold them)."""
+    types = {**signature_types(MNISTLitModule), "net": Literal[tuple(NETS)]}
+    return {name: hint for name, hint in types.items() if linked or name not in LINKED}
+
+
+def data_types(linked: bool = False) -> dict:
+    types = {**signature_types(MNISTDataModule), "dataset": Literal[tuple(DATASETS)]}
+    return {name: hint for name, hint in types.items() if linked or name not in LINKED}
+
+
+def check_model_settings(values, key: str, linked: bool = False) -> None:
+    """SchemaError unless ``values`` are model settings of their types, ``net_options`` those of the net."""
+    types = model_types(linked)
+    check_mapping(values, {**types, "net_options": dict | None}, key)
+    if values.get("net_options") is not None:
+        net = values.get("net", inspect.signature(MNISTLitModule).parameters["net"].default)
+        check_mapping(values["net_options"], net_option_types(net), f"{key}.net_options")
+
+
+def check_callbacks(value, key: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise SchemaError(key, f"{shown(value)} is not a list of callbacks (class_path and init_args each)")
+    for i, spec in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(spec, dict) or not set(spec) <= {"class_path", "init_args"} or "class_path" not in spec:
+            raise SchemaError(where, "a callback is a mapping of class_path and init_args only")
+        if spec["class_path"] not in CALLBACK_TYPES:
+            allowed = ", ".join(CALLBACK_TYPES)
+            raise SchemaError(f"{where}.class_path", f"{shown(spec['class_path'])} is not one of {allowed}")
+        # An argument a config dump lists as null is not given: only those of the allow-list may be set.
+        init_args = spec.get("init_args") or {}
+        check(init_args, dict, f"{where}.init_args")
+        arguments = {name: value for name, value in init_args.items() if value is not None}
+        check_mapping(arguments, CALLBACK_TYPES[spec["class_path"]], f"{where}.init_args")
+
+
+def check_settings(config) -> dict:
+    """The stored settings checked (SchemaError naming the first key that is not plain data of its type), with
+    the paths and loggers dropped, in any spelling."""
     if not isinstance(config, dict):
-        raise UserError(f"{source}: its stored settings are not a config (not a YAML mapping)")
-    refuse_code(config, "", source)
-    for *parents, key in (path.split(".") for path in PATH_KEYS):  # from the command line, never a checkpoint
-        section = config
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, dict) else None
-        if isinstance(section, dict):
-            section.pop(key, None)
-    return yaml.safe_dump(config, sort_keys=False)
+        raise SchemaError("the top level", "not a mapping of settings")
+    config = {key: value for key, value in config.items() if key not in DROPPED}
+    sections = {"model": check_model_settings, "data": None, "trainer": None}
+    for key, value in config.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise SchemaError(key, f"{shown(value)} is not a mapping of settings")
+            config[key] = {name: v for name, v in value.items() if f"{key}.{name}" not in DROPPED}
+        elif key not in TOP_LEVEL:
+            raise SchemaError(str(key), "not a setting this version knows")
+        else:
+            check(value, TOP_LEVEL[key], key)
+    check_model_settings(config.get("model", {}), "model")
+    check_mapping(config.get("data", {}), data_types(), "data")
+    trainer = dict(config.get("trainer", {}))
+    check_callbacks(trainer.pop("callbacks", None), "trainer.callbacks")
+    check_mapping(trainer, TRAINER_TYPES, "trainer")
+    return config
 
 
-def refuse_code(value, key: str, source) -> None:
-    """Raise UserError naming the first key under ``value`` that names code not on the allow-list."""
+def read_plain_yaml(text, source) -> object:
+    """YAML as plain data, its work bounded: refused if over MAX_BYTES, nested deeper than MAX_DEPTH, or with
+    anchors and aliases (a few aliases can stand for billions of copies)."""
 
-    def refuse(what: str):
+    def refuse(why: str):
+        raise UserError(f"{source}: its stored settings are refused: {why}")
+
+    if not isinstance(text, str):
+        refuse("not a YAML text")
+    if len(text) > MAX_BYTES:
+        refuse(f"{len(text)} characters, more than the {MAX_BYTES} a config takes")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                refuse("it uses YAML anchors or aliases, which a stored config never does")
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_DEPTH:
+                refuse(f"nested deeper than {MAX_DEPTH} levels")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        refuse(f"not plain YAML ({' '.join(str(err).split())[:120]})")
+
+
+def checkpoint_config(text, source) -> str:
+    """The settings stored in a checkpoint, checked and without paths, as YAML to parse; UserError naming the
+    first key that is not one of this project's settings of its type."""
+    try:
+        config = check_settings(read_plain_yaml(text, source))
+    except SchemaError as err:
         raise UserError(
-            f"{source}: its stored settings name code at {key or 'the top level'} ({what}); refused, since a "
-            f"checkpoint's settings are data. If you trust this checkpoint, pass {TRUST_FLAG}"
-        )
-
-    if isinstance(value, dict):
-        if "class_path" in value:
-            class_path = value["class_path"]
-            allowed = ALLOWED_CLASSES.get(class_path)
-            if allowed is None:
-                refuse(f"class {class_path}")
-            extra = set(value) - {"class_path", "init_args"}
-            if extra:
-                refuse(f"{', '.join(sorted(extra))} of {class_path}")
-            init_args = value.get("init_args") or {}
-            if not isinstance(init_args, dict):
-                refuse(f"init_args of {class_path}")
-            for name, arg in init_args.items():
-                if name not in allowed and arg is not None:
-                    refuse(f"argument {name} of {class_path}")
-                refuse_code(arg, f"{key}.init_args.{name}", source)
-            return
-        for name, item in value.items():
-            refuse_code(item, f"{key}.{name}" if key else str(name), source)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            refuse_code(item, f"{key}[{i}]", source)
-    elif isinstance(value, str) and IMPORT_PATH.fullmatch(value):
-        refuse(f"import path {value}")
+            f"{source}: its stored settings are refused at {err.key}: {err.problem}; a checkpoint's settings are "
+            f"data. If you trust this checkpoint, pass {TRUST_FLAG}"
+        ) from None
+    return yaml.safe_dump(config, sort_keys=False)

@@ -23,15 +23,18 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from mnist_lit import callbacks
-from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config, load_checkpoint
+from mnist_lit import callbacks, loggers
+from mnist_lit.checkpoint_config import TRUST_FLAG, checkpoint_config
+from mnist_lit.checkpoint_file import load_checkpoint
+from mnist_lit.checkpoint_io import RunCheckpointIO
 from mnist_lit.data import MNISTDataModule, eval_split_of
 from mnist_lit.errors import UserError
 from mnist_lit.flags import CONFIGS
-from mnist_lit.inference import module_from_checkpoint
+from mnist_lit.inference import check_weights, model_settings
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import draws_random_numbers
-from mnist_lit.runs import launched_as_rank_zero, new_run_dir, resolve_ckpt
+from mnist_lit.run_config import RunConfig
+from mnist_lit.runs import launched_as_rank_zero, new_run_dir, remove_run_dir, resolve_ckpt
 
 # Lightning-launched DDP processes read the checkpoint rank 0 resolved: a bare name could name another file by then.
 CKPT_ENV = "MNIST_LIT_CKPT"
@@ -59,7 +62,7 @@ class MNISTCLI(LightningCLI):
         super().__init__(
             MNISTLitModule,
             MNISTDataModule,
-            save_config_callback=callbacks.RunConfig,
+            save_config_callback=RunConfig,
             trainer_defaults=TRAINER_DEFAULTS,
             parser_kwargs={"default_config_files": [str(CONFIGS / "seed.yaml")], "exit_on_error": False},
             args=args,
@@ -111,7 +114,7 @@ class MNISTCLI(LightningCLI):
         env_ckpt = None if launched_as_rank_zero() else os.environ.get(CKPT_ENV)
         self.ckpt_path = Path(env_ckpt) if env_ckpt else resolve_ckpt(first.ckpt, first.save_dir, first.stage)
         ckpt = load_checkpoint(self.ckpt_path)
-        module_from_checkpoint(ckpt, self.ckpt_path)  # its weights must fit its architecture before anything starts
+        check_weights(ckpt, self.ckpt_path)  # its weights must fit its architecture before anything starts
         if "config" not in ckpt:
             raise UserError(
                 f"{self.ckpt_path} was written by mnist_lit 0.1, before configs: train.py cannot go on from it "
@@ -148,14 +151,14 @@ class MNISTCLI(LightningCLI):
                         f"the full stage goes on from the checkpoint's weights: {key} {self.config[key]} differs "
                         f"from its {base[key]}"
                     )
-            if "model.net_options" in changed:  # e.g. another dropout: fine; another width: not its weights
-                options = {**ckpt["hyper_parameters"], "net_options": self.config.model.net_options}
-                module_from_checkpoint({**ckpt, "hyper_parameters": options}, self.ckpt_path)
             if self.config.trainer.max_epochs is None:
                 full_epochs = self.config.full_epochs
                 if type(full_epochs) is not int or full_epochs < 1:
                     raise UserError(f"--full_epochs must be an integer >= 1 (got {full_epochs}), or give --epochs")
                 self.config.trainer.max_epochs = done + full_epochs
+        # The net the settings make must be the checkpoint's (another dropout: fine; another width: not its weights).
+        model = {**model_settings(ckpt, self.ckpt_path), **{k: self.config.model[k] for k in ("net", "net_options")}}
+        check_weights(ckpt, self.ckpt_path, model)
         if self.config.trainer.max_epochs <= done:
             raise UserError(
                 f"--epochs {self.config.trainer.max_epochs} is not beyond the checkpoint's epoch {done}: nothing to "
@@ -187,6 +190,8 @@ class MNISTCLI(LightningCLI):
             callbacks.NumberedCheckpoint(checkpoints, every_n_epochs=config.save_freq),
             callbacks.last_checkpoint(checkpoints),
         ]
+        if self.ckpt_path:  # the callback state it brings back is checked first
+            run_callbacks.insert(0, callbacks.CheckedRestore(new_stage=not self.resume))
         if self.ckpt_path and not self.resume:
             run_callbacks.insert(0, callbacks.FreshOptimizer())
         if draws_random_numbers(self.model.net):  # only then: a callback's hooks cost time on every step
@@ -197,21 +202,21 @@ class MNISTCLI(LightningCLI):
         if show and given.enable_progress_bar is not False:
             run_callbacks.append(callbacks.EpochProgressBar(refresh_rate=20))
         version = int(self.run_dir.name[8:]) if self.run_dir else None
-        tensorboard = callbacks.TensorBoard(config.save_dir, name=config.stage, version=version)
+        tensorboard = loggers.TensorBoard(config.save_dir, name=config.stage, version=version)
         extra_loggers = [] if given.logger in (None, True) else given.logger
-        loggers = False if given.logger is False else [tensorboard, callbacks.EpochLines(), *listed(extra_loggers)]
+        run_loggers = False if given.logger is False else [tensorboard, loggers.EpochLines(), *listed(extra_loggers)]
         self.save_config_kwargs = {"run_dir": self.run_dir}
         try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
             return super().instantiate_trainer(
                 callbacks=[*listed(given.callbacks), *run_callbacks],
-                logger=loggers,
-                plugins=[callbacks.AtomicCheckpointIO(), *listed(given.plugins)],
+                logger=run_loggers,
+                plugins=[RunCheckpointIO(checkpoints), *listed(given.plugins)],
                 enable_progress_bar=show and given.enable_progress_bar is not False,
                 enable_model_summary=show and given.enable_model_summary is not False,
             )
         except SETTINGS_ERRORS as err:
             if self.run_dir is not None:
-                self.run_dir.rmdir()  # still empty: a run that cannot start leaves nothing behind
+                remove_run_dir(self.run_dir)  # still empty: a run that cannot start leaves nothing behind
             raise UserError(f"the Trainer refused the options: {first_error(err)}") from None
 
 

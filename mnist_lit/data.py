@@ -169,7 +169,7 @@ class MNISTDataModule(pl.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (callbacks.RunConfig)
+        self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (run_config.RunConfig)
         self.train_set = self.val_set = None
         self.mean, self.std = MEAN, STD
 

@@ -15,12 +15,12 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, nothing global to close
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.callbacks import tensorboard_tag
-from mnist_lit.checkpoint_config import run_settings
+from mnist_lit.checkpoint_file import run_settings
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATA_DIR, DATASETS, NUM_CLASSES, ensure_raw_files
 from mnist_lit.inference import Trained, classify, load_members, mean_probability, predictor
+from mnist_lit.loggers import tensorboard_tag
 
 SPLIT_SETTINGS = ("val_fraction", "seed", "folds", "fold")  # what decides which images an initial stage validates on
 

@@ -1,8 +1,7 @@
 """Using a trained model outside training: rebuild the model from a checkpoint (read safely by
-``checkpoint_config.load_checkpoint``), classify pixels; several checkpoints as one ensemble, and test-time
+``checkpoint_file.load_checkpoint``), classify pixels; several checkpoints as one ensemble, and test-time
 augmentation."""
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,10 +11,12 @@ import torch
 from torch import nn
 
 from mnist_lit.augment import TTA_VIEWS, tta_view
-from mnist_lit.checkpoint_config import load_checkpoint, run_settings
+from mnist_lit.checkpoint_config import check_model_settings, data_types, model_types
+from mnist_lit.checkpoint_file import load_checkpoint, run_settings
 from mnist_lit.errors import UserError
 from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
+from mnist_lit.schema import SchemaError, check_mapping
 
 
 @dataclass
@@ -40,22 +41,60 @@ class Trained:
         return folder.parent if folder.name == "checkpoints" and (folder.parent / "command.txt").is_file() else None
 
 
+def model_settings(ckpt: dict, path) -> dict:
+    """The model's settings a checkpoint records, checked against their declared types (UserError naming the
+    first that is not plain data of its type); the data's are checked too, as evaluate.py rebuilds a split from
+    them. Settings of mnist_lit 0.1 that this version does not know are left out."""
+    known, data_known = model_types(linked=True), data_types(linked=True)
+    model = {k: v for k, v in ckpt["hyper_parameters"].items() if k in known}
+    data = {k: v for k, v in run_settings(ckpt).items() if k in data_known and k not in known}
+    try:
+        check_model_settings(model, "hyper_parameters", linked=True)
+        check_mapping(data, data_known, "datamodule_hyper_parameters")
+    except SchemaError as err:
+        raise UserError(f"{path}: not a usable checkpoint: {err}") from None
+    return model
+
+
+def build_module(settings: dict, path) -> MNISTLitModule:
+    try:
+        return MNISTLitModule(**settings)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a net option out of its range
+        raise UserError(f"{path}: settings this version cannot build ({err})") from None
+
+
+def check_weights(ckpt: dict, path, settings: dict | None = None) -> None:
+    """UserError unless the checkpoint's weights (and an EMA's trained weights beside them) have exactly the
+    names, shapes and dtypes of the model its settings (or ``settings``) describe. The model is built on the meta
+    device (no memory): a small file can never make a large net."""
+    with torch.device("meta"):
+        expected = build_module(settings or model_settings(ckpt, path), path).state_dict()
+    for key in ("state_dict", "current_model_state"):
+        weights = ckpt.get(key)
+        if weights is None and key == "current_model_state":
+            continue
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise UserError(f"{path}: not a usable checkpoint: its {key} is not a mapping of tensors")
+        weights = {k: v for k, v in weights.items() if k != "pixel_stats"}  # earlier versions' buffer: read apart
+        net = (settings or ckpt["hyper_parameters"]).get("net")
+        unexpected = sorted(set(weights) ^ set(expected))
+        if unexpected:
+            problem = f"missing or unexpected {', '.join(unexpected[:3])}"
+            raise UserError(f"{path}: its weights do not fit the {net} architecture: {problem}")
+        for name, tensor in weights.items():
+            if (tensor.shape, tensor.dtype) != (expected[name].shape, expected[name].dtype):
+                problem = f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the net's {tuple(expected[name].shape)}"
+                raise UserError(f"{path}: its weights do not fit the {net} architecture: {problem}")
+
+
 def module_from_checkpoint(ckpt: dict, path) -> MNISTLitModule:
     """The LightningModule a checkpoint describes, with its weights loaded; UserError if they do not fit."""
-    hparams = ckpt["hyper_parameters"]
-    # Only the model's own settings: mnist_lit 0.1 also kept run settings (stage, epochs, precision, ...) there.
-    known = inspect.signature(MNISTLitModule).parameters
-    try:
-        module = MNISTLitModule(**{k: v for k, v in hparams.items() if k in known})
-    except TypeError as err:
-        raise UserError(f"{path}: settings this version does not know ({err})") from None
+    settings = model_settings(ckpt, path)
+    check_weights(ckpt, path, settings)
+    module = build_module(settings, path)
     ckpt = {**ckpt, "state_dict": dict(ckpt["state_dict"])}  # the hook may change it: the caller's is kept
     module.on_load_checkpoint(ckpt)  # as Lightning's loading does: reads checkpoints of earlier versions
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:  # name the missing / unexpected weights: the first line alone says nothing
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[1:])[:300]
-        raise UserError(f"{path}: its weights do not fit the {hparams.get('net')} architecture: {detail}") from None
+    module.load_state_dict(ckpt["state_dict"])  # strict: check_weights made sure every weight is there
     return module
 
 

@@ -98,7 +98,7 @@ class MNISTLitModule(pl.LightningModule):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (callbacks.RunConfig)
+        self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (run_config.RunConfig)
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
         self.hparams.pixel_stats = None if pixel_stats is None else [float(v) for v in pixel_stats]
         self.net = build_net(net, NUM_CLASSES, net_options)

@@ -1,12 +1,11 @@
 """The networks: plain torch modules (no Lightning), so they can be exported and reused anywhere."""
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnist_lit.errors import UserError
+from mnist_lit.schema import signature_types
 
 
 class LeNet(nn.Module):
@@ -125,7 +124,12 @@ def draws_random_numbers(net: nn.Module) -> bool:
 
 def net_options(name: str) -> list[str]:
     """The options a registered net accepts: its constructor's arguments but num_classes."""
-    return [arg for arg in inspect.signature(NETS[name]).parameters if arg != "num_classes"]
+    return list(net_option_types(name))
+
+
+def net_option_types(name: str) -> dict[str, object]:
+    """The options of a registered net with the types its constructor declares."""
+    return {arg: hint for arg, hint in signature_types(NETS[name]).items() if arg != "num_classes"}
 
 
 def build_net(name: str, num_classes: int = 10, options: dict | None = None) -> nn.Module:

@@ -44,6 +44,13 @@ def new_run_dir(save_dir, stage: str) -> Path:
             version += 1
 
 
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing to keep, and its stage folder if that is left empty."""
+    shutil.rmtree(run_dir)
+    with contextlib.suppress(OSError):  # other runs are in it
+        run_dir.parent.rmdir()
+
+
 def resolve_ckpt(name: str, save_dir, stage: str = "initial") -> Path:
     """A path that exists as given, or a bare file name: that checkpoint of the newest initial-stage run.
 

@@ -7,16 +7,15 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
 
-from mnist_lit import callbacks
 from mnist_lit.checkpoint_config import TRUST_FLAG
 from mnist_lit.cli import CKPT_ENV, MNISTCLI, SETTINGS_ERRORS, first_error
 from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import expand_short_flags
-from mnist_lit.runs import console, log_file, snapshot_code
+from mnist_lit.loggers import eval_summary
+from mnist_lit.runs import console, log_file, remove_run_dir, snapshot_code
 
 log = logging.getLogger("mnist_lit")
 
@@ -48,7 +47,7 @@ def train(argv: list[str]) -> dict:
             except BaseException as err:
                 saved = run_dir is not None and any(run_dir.glob("checkpoints/*.ckpt"))
                 if run_dir is not None and not saved:
-                    shutil.rmtree(run_dir)  # nothing to resume or use: a failed launch leaves no run folder
+                    remove_run_dir(run_dir)  # nothing to resume or use: a failed launch leaves no run folder
                 if isinstance(err, SETTINGS_ERRORS) and not saved:  # the Trainer's set-up refused the settings
                     raise UserError(f"the run could not start: {first_error(err)}") from None
                 raise
@@ -56,7 +55,7 @@ def train(argv: list[str]) -> dict:
                 if run_dir is not None:
                     os.environ.pop(CKPT_ENV, None)
             wall = time.perf_counter() - start
-            summary, correct, count = callbacks.eval_summary(trainer.callback_metrics, model.eval_split)
+            summary, correct, count = eval_summary(trainer.callback_metrics, model.eval_split)
             log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
     metrics = trainer.callback_metrics
     results = {

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from mnist_lit import callbacks, module, train
+from mnist_lit import checkpoint_io, module, train
 
 
 def die() -> None:
@@ -38,7 +38,7 @@ def arm(moment: str) -> None:
 
         lit.validation_step = validation_step
     elif kind == "ckpt-write":
-        io = callbacks.AtomicCheckpointIO
+        io = checkpoint_io.RunCheckpointIO
         original_save = io.save_checkpoint
 
         def save_checkpoint(self, checkpoint, path, storage_options=None):

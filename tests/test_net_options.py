@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from mnist_lit.checkpoint_config import load_checkpoint
+from mnist_lit.checkpoint_file import load_checkpoint
 from mnist_lit.inference import module_from_checkpoint
 from mnist_lit.train import main
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import digits, loss_before_and_after_one_step
 
-from mnist_lit.checkpoint_config import load_checkpoint
+from mnist_lit.checkpoint_file import load_checkpoint
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.flags import CONFIGS, recipe_names
 from mnist_lit.inference import module_from_checkpoint

@@ -97,7 +97,7 @@ def resumable(run: Path) -> Path | None:
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         return None
-    from mnist_lit.checkpoint_config import load_checkpoint  # torch: only when there is something to resume
+    from mnist_lit.checkpoint_file import load_checkpoint  # torch: only when there is something to resume
 
     epochs = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"]
     return ckpt if load_checkpoint(ckpt)["epoch"] + 1 < epochs else None
