@@ -28,7 +28,7 @@ from mnist_lit.schema import Matching, SchemaError, check, check_mapping, shown,
 
 TRUST_FLAG = "--trust-checkpoint-config"
 MAX_BYTES = 64 * 1024  # a stored config is ~2 KB
-MAX_DEPTH = 6  # levels of nesting: trainer.callbacks[0].init_args.duration.hours is 5
+MAX_DEPTH = 8  # levels of nesting: a stored config goes 6 deep (trainer.callbacks[0].init_args.duration)
 
 # Set by the command line, never by a checkpoint: where a run reads and writes, and what it logs to.
 DROPPED = {*PATH_KEYS, "trainer.logger"}
@@ -60,6 +60,7 @@ TRAINER_TYPES = {
     "profiler": Literal["simple", "advanced", "pytorch"] | None,
     "model_registry": None,
 }
+TRAINER_TYPES = {flag: hint for flag, hint in TRAINER_TYPES.items() if f"trainer.{flag}" not in DROPPED}
 
 
 def argument_types(cls, names: str, **narrower) -> dict:
