@@ -58,6 +58,12 @@ class EpochProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Without Lightning's ``v_num`` (the run folder's version is in every line of the log)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
 
 class DivergenceStop(EarlyStopping):
     """Stop with one clear error when an epoch's mean training loss is not finite, before that epoch's checkpoints

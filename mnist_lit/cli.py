@@ -34,7 +34,7 @@ from mnist_lit.inference import check_weights, model_settings
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import draws_random_numbers
 from mnist_lit.run_config import RunConfig
-from mnist_lit.runs import launched_as_rank_zero, new_run_dir, remove_run_dir, resolve_ckpt
+from mnist_lit.runs import launched_as_rank_zero, new_run_dir, remove_run_dir, resolve_ckpt, run_version
 
 # Lightning-launched DDP processes read the checkpoint rank 0 resolved: a bare name could name another file by then.
 CKPT_ENV = "MNIST_LIT_CKPT"
@@ -201,10 +201,13 @@ class MNISTCLI(LightningCLI):
             logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         if show and given.enable_progress_bar is not False:
             run_callbacks.append(callbacks.EpochProgressBar(refresh_rate=20))
-        version = int(self.run_dir.name[8:]) if self.run_dir else None
+        version = run_version(self.run_dir) if self.run_dir else None
         tensorboard = loggers.TensorBoard(config.save_dir, name=config.stage, version=version)
-        extra_loggers = [] if given.logger in (None, True) else given.logger
-        run_loggers = False if given.logger is False else [tensorboard, loggers.EpochLines(), *listed(extra_loggers)]
+        extra_loggers = listed([] if given.logger in (None, True) else given.logger)
+        for logger in extra_loggers:  # a logger from the command line numbers its versions as the run folders
+            if getattr(logger, "_version", 0) is None:  # Lightning's loggers: None until they pick one themselves
+                logger._version = version
+        run_loggers = False if given.logger is False else [tensorboard, loggers.EpochLines(), *extra_loggers]
         self.save_config_kwargs = {"run_dir": self.run_dir}
         try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here
             return super().instantiate_trainer(

@@ -11,7 +11,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, require
 from mnist_lit.idx import DATA_DIR, MEAN, STD, dataset_spec, ensure_raw_files, load_split, raw_dir
 
 
@@ -161,14 +161,11 @@ class MNISTDataModule(pl.LightningDataModule):
         """
         super().__init__()
         dataset_spec(dataset)  # fail early on an unknown name
-        checks = [
+        require(
             (0 < val_fraction < 1, f"data.val_fraction must be between 0 and 1 (got {val_fraction})"),
             (batch_size >= 1 and eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1"),
             (seed >= 0, f"the seed must be >= 0 (got {seed})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        )
         self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (run_config.RunConfig)
         self.train_set = self.val_set = None
         self.mean, self.std = MEAN, STD

@@ -9,6 +9,13 @@ class UserError(Exception):
     """Raised with a message meant for the user; scripts print it as one line and exit with code 2."""
 
 
+def require(*checks: tuple[bool, str]) -> None:
+    """A constructor's argument checks: UserError with the message of the first (ok, message) that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def exit_code(body: Callable[[], object]) -> int:
     """Run a script's body: a UserError becomes one 'error: ...' line on stderr and exit code 2; otherwise the
     body's own code if it returns an int, else 0."""

@@ -9,7 +9,9 @@ from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams
 
-from mnist_lit.module import SPLITS, format_eval
+from mnist_lit.module import format_eval
+
+SPLITS = ("train", "val", "test")  # the splits a metric is logged for: "val/acc", "test/loss", ...
 
 log = logging.getLogger("mnist_lit")
 

@@ -11,12 +11,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_lit.augment import random_affine
 from mnist_lit.data import normalize, seeded_generator
-from mnist_lit.errors import UserError
+from mnist_lit.errors import require
 from mnist_lit.idx import IMAGE_SIZE, MEAN, NUM_CLASSES, STD
 from mnist_lit.loss import nll_loss
 from mnist_lit.net import build_net
-
-SPLITS = ("train", "val", "test")
 
 
 def split_metrics() -> tuple[MulticlassAccuracy, MeanMetric]:
@@ -60,7 +58,7 @@ class MNISTLitModule(pl.LightningModule):
     ):
         """
         Args:
-            net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, wide, linear.
+            net: a name in the registry ``mnist_lit.net.NETS`` (lenet: the original project's net).
             net_options: keyword arguments of that net's constructor, e.g. ``{dropout: 0.3}`` for lenet,
                 ``{width: 32}`` for wide; their defaults are the constructor's.
             optimizer: sgd (with ``momentum``, ``nesterov``) or adam.
@@ -83,21 +81,22 @@ class MNISTLitModule(pl.LightningModule):
                 with (train.py sets them from the data module's); None: MNIST's.
         """
         super().__init__()
-        checks = [
+        require(
             (lr > 0, f"model.lr must be > 0 (got {lr})"),
             (0 <= momentum < 1, f"model.momentum must be in [0, 1) (got {momentum})"),
             (weight_decay >= 0 and label_smoothing >= 0 and elastic >= 0, "model: negative regularisation setting"),
-            (list(milestones) == sorted(set(milestones)) and min(milestones, default=1) > 0, "model.milestones "
-             f"must be increasing, > 0 (got {list(milestones)})"),
+            (
+                list(milestones) == sorted(set(milestones)) and min(milestones, default=1) > 0,
+                f"model.milestones must be increasing, > 0 (got {list(milestones)})",
+            ),
             (optimizer in ("sgd", "adam"), f"unknown model.optimizer {optimizer!r}: sgd or adam"),
             (schedule in ("multistep", "onecycle"), f"unknown model.schedule {schedule!r}: multistep or onecycle"),
             (eval_split in ("val", "test"), f"unknown model.eval_split {eval_split!r}: val or test"),
-            (pixel_stats is None or (len(pixel_stats) == 2 and pixel_stats[1] > 0), "model.pixel_stats must be "
-             f"(mean, std) with std > 0 (got {pixel_stats})"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+            (
+                pixel_stats is None or (len(pixel_stats) == 2 and pixel_stats[1] > 0),
+                f"model.pixel_stats must be (mean, std) with std > 0 (got {pixel_stats})",
+            ),
+        )
         self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (run_config.RunConfig)
         self.hparams.milestones = list(milestones)  # plain list, also when given as a tuple
         self.hparams.pixel_stats = None if pixel_stats is None else [float(v) for v in pixel_stats]
@@ -105,11 +104,10 @@ class MNISTLitModule(pl.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         # One torchmetrics object per split and quantity (names as in Lightning's examples: "train" itself is taken
-        # by nn.Module.train).
-        for split in SPLITS:
-            acc, mean_loss = split_metrics()
-            setattr(self, f"{split}_acc", acc)
-            setattr(self, f"{split}_loss", mean_loss)
+        # by nn.Module.train); the evaluations also count the images they saw (over all processes).
+        self.train_acc, self.train_loss = split_metrics()
+        self.val_acc, self.val_loss = split_metrics()
+        self.test_acc, self.test_loss = split_metrics()
         self.val_count, self.test_count = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
@@ -143,54 +141,62 @@ class MNISTLitModule(pl.LightningModule):
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.net(inputs).float()
 
-    def model_step(self, batch, split: str) -> torch.Tensor:
+    def model_step(self, batch, training: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, log-probabilities and targets of a batch of (pixels, labels)."""
         images, targets = batch
         inputs = self.preprocess(images)
-        if split == "train" and self.hparams.augment:
+        if training and self.hparams.augment:
             inputs = self.augment(inputs)
         log_probs = self.classify(inputs)
         # Label smoothing is a training device: evaluation reports the plain negative log-likelihood.
-        loss = nll_loss(log_probs, targets, self.hparams.label_smoothing if split == "train" else 0.0)
-        acc, mean_loss = getattr(self, f"{split}_acc"), getattr(self, f"{split}_loss")
-        acc.update(log_probs, targets)
-        mean_loss.update(loss.detach().expand(len(targets)))  # one value per sample: a mean over samples
-        if split != "train":  # how many images the evaluation saw (over all processes)
-            getattr(self, f"{split}_count").update(len(targets))
-        return loss
-
-    def log_epoch(self, split: str) -> None:
-        # Logged once per epoch from the epoch-end hooks: Lightning computes (syncs across processes) and resets
-        # the metric objects. Logged from every step instead (Lightning then moves each metric object to the device
-        # on every call), one LeNet epoch took 1.165x the bare Trainer's time instead of 1.070x (docs/benchmark.md).
-        self.log(f"{split}/loss", getattr(self, f"{split}_loss"), on_step=False, on_epoch=True)
-        self.log(f"{split}/acc", getattr(self, f"{split}_acc"), on_step=False, on_epoch=True)
-        if split != "train":
-            self.log(f"{split}/count", getattr(self, f"{split}_count"), on_step=False, on_epoch=True)
-
-    def on_train_epoch_end(self) -> None:
-        self.log_epoch("train")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_epoch("test")
+        loss = nll_loss(log_probs, targets, self.hparams.label_smoothing if training else 0.0)
+        return loss, log_probs, targets
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
+        loss, log_probs, targets = self.model_step(batch, training=True)
+        self.train_acc.update(log_probs, targets)
+        self.train_loss.update(loss.detach().expand(len(targets)))  # one value per sample: a mean over samples
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.model_step(batch, self.eval_split)
+        if self.eval_split == "test":  # the full stage evaluates on the test set after every epoch
+            return self.test_step(batch, batch_idx)
+        loss, log_probs, targets = self.model_step(batch)
+        self.val_acc.update(log_probs, targets)
+        self.val_loss.update(loss.expand(len(targets)))
+        self.val_count.update(len(targets))
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.model_step(batch, "test")
+        loss, log_probs, targets = self.model_step(batch)
+        self.test_acc.update(log_probs, targets)
+        self.test_loss.update(loss.expand(len(targets)))
+        self.test_count.update(len(targets))
+
+    # The metrics are logged once per epoch, from the epoch-end hooks: Lightning computes (syncs across processes)
+    # and resets the metric objects. Logged from every step, Lightning would move each metric object to the device
+    # on every call (docs/benchmark.md measures what a step costs).
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.eval_split == "test":
+            return self.on_test_epoch_end()
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True)
+        self.log("val/count", self.val_count, on_step=False, on_epoch=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/count", self.test_count, on_step=False, on_epoch=True)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Log-probabilities of a batch of images (or of (images, labels) pairs, as the data module yields)."""
         return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_epoch(self.eval_split)
-        if self.eval_split == "val" and not self.trainer.sanity_checking:
-            self.val_acc_best(self.val_acc.compute())
-            self.log("val/acc_best", self.val_acc_best.compute())
 
     def augment(self, inputs: torch.Tensor) -> torch.Tensor:
         """Randomly moved and bent preprocessed images; the uncovered border is a black pixel, preprocessed."""

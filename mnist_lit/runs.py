@@ -21,10 +21,16 @@ PATH_KEYS = ("save_dir", "ckpt", "data.data_dir", "trainer.default_root_dir")
 OUTPUT_SWITCHES = ("save_freq", "quiet", "data.download", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
+def run_version(run_dir: Path) -> int | None:
+    """N of a run folder ``version_N``; None for another name."""
+    number = run_dir.name.removeprefix("version_")
+    return int(number) if run_dir.name.startswith("version_") and number.isdigit() else None
+
+
 def run_dirs(save_dir, stage: str) -> list[Path]:
     """The runs of a stage, newest (highest version) first."""
-    runs = [p for p in (Path(save_dir) / stage).glob("version_*") if p.name[8:].isdigit()]
-    return sorted(runs, key=lambda p: int(p.name[8:]), reverse=True)
+    runs = [p for p in (Path(save_dir) / stage).glob("version_*") if run_version(p) is not None]
+    return sorted(runs, key=run_version, reverse=True)
 
 
 def new_run_dir(save_dir, stage: str) -> Path:
@@ -34,7 +40,7 @@ def new_run_dir(save_dir, stage: str) -> Path:
     except OSError as err:  # e.g. --save-dir names a file
         raise UserError(f"cannot make the run folder under {Path(save_dir) / stage}: {err.strerror}") from None
     runs = run_dirs(save_dir, stage)
-    version = int(runs[0].name[8:]) + 1 if runs else 0
+    version = run_version(runs[0]) + 1 if runs else 0
     while True:
         path = Path(save_dir) / stage / f"version_{version}"
         try:

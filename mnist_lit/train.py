@@ -10,6 +10,8 @@ import shlex
 import sys
 import time
 
+from pytorch_lightning.callbacks import EarlyStopping
+
 from mnist_lit.checkpoint_config import TRUST_FLAG
 from mnist_lit.cli import CKPT_ENV, MNISTCLI, SETTINGS_ERRORS, first_error
 from mnist_lit.errors import UserError, exit_code
@@ -55,6 +57,9 @@ def train(argv: list[str]) -> dict:
                 if run_dir is not None:
                     os.environ.pop(CKPT_ENV, None)
             wall = time.perf_counter() - start
+            stopped = stopped_early(trainer)
+            if stopped:
+                log.info("stopped early after epoch %d of %d: %s", stopped["epoch"], trainer.max_epochs, stopped["by"])
             summary, correct, count = eval_summary(trainer.callback_metrics, model.eval_split)
             log.info("final: epoch %d %s, %.0f s, run dir %s", trainer.current_epoch, summary, wall, run_dir)
     metrics = trainer.callback_metrics
@@ -70,11 +75,25 @@ def train(argv: list[str]) -> dict:
         "acc": float(metrics[f"{model.eval_split}/acc"]) if count else None,
         "loss": float(metrics[f"{model.eval_split}/loss"]) if count else None,
         "processes": trainer.world_size,
+        "stopped_early": stopped,
         "wall_s": round(wall, 2),
     }
     if run_dir is not None:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def stopped_early(trainer) -> dict | None:
+    """The epoch (1-based) a run stopped at before its last, and which callback stopped it why; None for a run
+    that trained all its epochs."""
+    if trainer.current_epoch >= trainer.max_epochs:
+        return None
+    reasons = [
+        f"{type(callback).__name__}: {callback.stopping_reason_message or 'stopped'}"
+        for callback in trainer.callbacks
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch
+    ]
+    return {"epoch": trainer.current_epoch, "by": "; ".join(reasons) or "a callback stopped the Trainer"}
 
 
 def keep_freed_memory() -> None:

@@ -223,3 +223,24 @@ def test_runs_compare_by_their_settings_in_tensorboards_hparams_tab(initial_run,
     full_dir = tmp_path / "full" / "version_0"
     settings = hparams_in_events(full_dir)
     assert settings["model/lr"] == 0.0001 and settings["stage"] == "full" and "ckpt" not in settings
+
+
+def test_a_run_stopped_by_early_stopping_says_when_and_why(shared_data_dir, tmp_path, capsys):
+    stop_at_once = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
+                    "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=0",
+                    "--trainer.callbacks.min_delta=2"]  # fmt: skip
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", 5, *stop_at_once) == 0
+    run_dir = tmp_path / "initial" / "version_0"
+    stopped = json.loads((run_dir / "results.json").read_text())["stopped_early"]
+    assert stopped["epoch"] == 2 and stopped["by"].startswith("EarlyStopping: Monitored metric val/acc")
+    assert "stopped early after epoch 2 of 5: EarlyStopping" in (run_dir / "log.txt").read_text()
+    out = capsys.readouterr().out
+    assert "v_num" not in out and "Epoch 2/5" in out  # the progress bar counts from 1 and shows no v_num
+
+
+def test_a_logger_from_the_command_line_numbers_its_versions_as_the_run_folders(shared_data_dir, tmp_path):
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path / "runs", "--epochs", 1, "--quiet"]
+    assert run(*argv) == 0  # version_0, without the CSV logger
+    assert run(*argv, "--trainer.logger+=CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}") == 0
+    assert (tmp_path / "runs" / "initial" / "version_1").is_dir()
+    assert [p.name for p in (tmp_path / "csv" / "lightning_logs").iterdir()] == ["version_1"]

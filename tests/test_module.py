@@ -55,8 +55,8 @@ def test_epoch_loss_is_the_mean_over_samples_and_accuracy_counts_every_sample(sh
     model.preprocess = lambda images: images
     log_probs = torch.eye(3).log()
     with patch("mnist_lit.module.nll_loss", side_effect=[torch.tensor(1.0), torch.tensor(5.0)]):
-        model.model_step((log_probs, torch.tensor([0, 1, 2])), "val")
-        model.model_step((log_probs[:1], torch.tensor([1])), "val")
+        model.validation_step((log_probs, torch.tensor([0, 1, 2])), 0)
+        model.validation_step((log_probs[:1], torch.tensor([1])), 0)
     assert model.val_loss.compute().item() == pytest.approx(2.0)
     assert model.val_acc.compute().item() == pytest.approx(0.75) and model.val_count.compute().item() == 4
     assert format_eval("val", 3, 4) == "val 3/4 (75.00%)"
@@ -68,8 +68,8 @@ def test_a_nan_loss_makes_the_epoch_loss_nan_it_is_never_dropped():
     model.net = torch.nn.Identity()
     model.preprocess = lambda images: images
     with patch("mnist_lit.module.nll_loss", side_effect=[torch.tensor(1.0), torch.tensor(float("nan"))]):
-        model.model_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), "train")
-        model.model_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), "train")
+        model.training_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), 0)
+        model.training_step((torch.eye(3).log(), torch.tensor([0, 1, 2])), 0)
     assert model.train_loss.compute().isnan()
 
 

@@ -311,3 +311,23 @@ def test_group_by_settings_averages_only_runs_that_differ_in_their_seed(tmp_path
     assert same == settings  # keys named twice count once
     code, _, err = run_main(capsys, tmp_path, "--filter", "settings=x")
     assert code == 2 and "unknown key for --filter: settings" in err
+
+
+def test_a_run_stopped_early_says_so_and_still_counts(tmp_path):
+    logs = tmp_path / "logs"
+    stopped = {**results("initial", 0.5, 7), "stopped_early": {"epoch": 7, "by": "EarlyStopping: no improvement"}}
+    make_run(logs, "initial", 0, config(), stopped)
+    make_run(logs, "initial", 1, config(), results("initial", 0.7, 20))
+    runs = records.read_runs(logs)
+    assert [run.status for run in runs] == ["stopped early at epoch 7", "finished"]
+    assert [run.accuracy() for run in runs] == [50.0, 70.0]
+
+
+def test_each_net_option_is_a_column_empty_where_the_net_has_none(tmp_path):
+    logs = tmp_path / "logs"
+    make_run(logs, "initial", 0, config(**{"model.net_options": None}), results("initial", 0.99, 20))
+    make_run(logs, "initial", 1, config(**{"model.net_options": {"dropout": 0.3}}), results("initial", 0.99, 20))
+    header, rows = table.runs_table(records.read_runs(logs))
+    assert "model.net_options" not in header and "model.net_options.dropout" in header
+    column = header.index("model.net_options.dropout")
+    assert sorted(row[column] for row in rows) == ["", "0.3"]

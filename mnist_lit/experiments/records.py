@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from mnist_lit.errors import UserError
-from mnist_lit.runs import run_dirs
+from mnist_lit.runs import run_dirs, run_version
 
 STAGES = ("initial", "full")
 # What a readable file holds; config.yaml's recipe is its last key, so a file cut short at a line lacks it.
@@ -43,9 +43,18 @@ class Run:
         return self.settings.get(key)
 
     def accuracy(self) -> float | None:
-        """The final accuracy in percent; None unless the run finished with an evaluation."""
-        acc = self.results.get("acc") if self.status == "finished" else None
+        """The final accuracy in percent; None unless the run finished (or stopped early) with an evaluation."""
+        acc = self.results.get("acc") if self.results and self.status == status_of(self.results) else None
         return None if acc is None else 100 * acc
+
+
+def status_of(results: dict) -> str:
+    """A run's status from its results.json: ``finished``, or ``stopped early at epoch N`` (by a callback such as
+    EarlyStopping; results.json and log.txt say which and why)."""
+    stopped = results.get("stopped_early")
+    return (
+        f"stopped early at epoch {stopped['epoch']}" if isinstance(stopped, dict) and "epoch" in stopped else "finished"
+    )
 
 
 def text(value) -> str:
@@ -64,6 +73,8 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     """A config as dotted keys (``model.lr``) with text values."""
     flat = {}
     for key, value in config.items():
+        if key == "net_options" and value is None:  # a net without options: no column of its own
+            continue
         if isinstance(value, dict) and "class_path" not in value:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
@@ -90,7 +101,7 @@ def load(path: Path, parse, required: tuple[str, ...]) -> tuple[dict | None, str
 
 def read_run(path: Path) -> Run:
     """One run folder as a Run; a folder whose files cannot be read is a run with status ``broken: ...``."""
-    run = Run(path, path.parent.name, int(path.name[8:]))
+    run = Run(path, path.parent.name, run_version(path))
     config, config_problem = load(path / "config.yaml", lambda s: yaml.load(s, YAML_LOADER), CONFIG_KEYS)
     results, results_problem = load(path / "results.json", json.loads, RESULT_KEYS)
     bad = [k for k in RESULT_KEYS if k != "split" and results and type(results[k]) not in (int, float, type(None))]
@@ -100,7 +111,7 @@ def read_run(path: Path) -> Run:
     if config_problem or results_problem:
         run.status = f"broken: {config_problem or results_problem}"
     elif results or (path / "checkpoints" / "last.ckpt").is_file():
-        run.status = "finished" if results else "unfinished"
+        run.status = status_of(results) if results else "unfinished"
         if config is None:
             run.status = "broken: no config.yaml"
     return run
@@ -153,5 +164,5 @@ def study_runs(url: str, name: str | None) -> list[Run]:
     for (host, folder), (settings, results) in records.items():
         path = Path(folder)
         where = f"{host}:{path.parent.parent}" if hosts else str(path.parent.parent)
-        runs.append(Run(path, path.parent.name, int(path.name[8:]), "finished", settings, results, where))
+        runs.append(Run(path, path.parent.name, run_version(path), status_of(results), settings, results, where))
     return sorted(runs, key=lambda run: (run.where, STAGES.index(run.stage), run.version))

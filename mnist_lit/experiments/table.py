@@ -56,6 +56,12 @@ def result_cells(results: dict | None) -> list[str]:
     return [str(results["epoch"]), str(results["split"]), *score, wall]
 
 
+def cell(run: Run, key: str) -> str:
+    """A run's value of a column; "-" where the run has no such setting, empty for an option its net lacks."""
+    value = run.value(key)
+    return value if value is not None else "" if key.startswith("model.net_options.") else "-"
+
+
 def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """One row per run: stage, version, recipe, the differing settings, the results, the status."""
     keys = differing_keys(runs)
@@ -63,7 +69,7 @@ def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header = [*(["save dir"] if where else []), "stage", "version", "recipe", *keys, *RESULT_COLUMNS, "status"]
     rows = [
         [*([run.where] if where else []), run.stage, str(run.version)]
-        + [*(run.value(key) or "-" for key in ["recipe", *keys]), *result_cells(run.results), run.status]
+        + [*(cell(run, key) for key in ["recipe", *keys]), *result_cells(run.results), run.status]
         for run in runs
     ]
     return header, rows
