@@ -60,7 +60,7 @@ class MNISTLitModule(pl.LightningModule):
     ):
         """
         Args:
-            net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, wide, linear.
+            net: architecture from ``mnist_lit.net.NETS``: lenet (the original's), slim, wide, linear, residual.
             net_options: keyword arguments of that net's constructor, e.g. ``{dropout: 0.3}`` for lenet,
                 ``{width: 32}`` for wide; their defaults are the constructor's.
             optimizer: sgd (with ``momentum``, ``nesterov``) or adam.
