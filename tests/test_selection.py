@@ -30,14 +30,16 @@ def truth_probabilities(q: list[float]) -> torch.Tensor:
     return torch.stack([q, 1 - q], 1).clamp(min=1e-6).log()
 
 
-def test_selection_adds_the_complementary_candidate_not_the_second_best():
+def test_selection_adds_the_complementary_candidate_not_the_second_best_and_stops_without_a_gain():
     labels = torch.zeros(10, dtype=torch.long)
     best = truth_probabilities([0.9] * 8 + [0.2] * 2)  # 8 right
     copy = truth_probabilities([0.9] * 7 + [0.2] * 3)  # 7 right, the same mistakes and one more
     complement = truth_probabilities([0.4] * 8 + [0.95] * 2)  # 2 right, unsure where it is wrong
-    candidates = [copy, complement, best]
-    assert [ensemble_correct([c], labels) for c in candidates] == [7, 2, 8]
-    # best first; best + copy would stay at 8, best + complement gets all 10; then nothing can add: stop.
+    candidates = [copy, complement, best, complement.clone()]
+    assert [ensemble_correct([c], labels) for c in candidates] == [7, 2, 8, 2]
+    # best first; best + copy would stay at 8, best + complement gets all 10 (the earlier of the two equal ones);
+    # adding its twin keeps the 10 right: no gain, so it stops there.
+    assert ensemble_correct([best, complement, complement], labels) == 10
     assert greedy_selection(candidates, labels) == [Step(2, 8), Step(1, 10)]
     assert greedy_selection(candidates, labels, max_members=1) == [Step(2, 8)]
 
