@@ -29,6 +29,11 @@ class Step:
     correct: int
 
 
+def check_max_members(max_members: int) -> None:
+    if max_members < 1:
+        raise UserError(f"--max-members must be >= 1 (got {max_members})")
+
+
 def ensemble_correct(log_probs: Sequence[torch.Tensor], labels: torch.Tensor) -> int:
     """How many images the mean of the members' probabilities classifies right."""
     return int((mean_probability(log_probs).argmax(1) == labels).sum())
@@ -42,8 +47,7 @@ def greedy_selection(log_probs: Sequence[torch.Tensor], labels: torch.Tensor, ma
 
     Caruana et al. select with replacement (a model added again weighs more); here every member counts once, as
     in evaluate.py's ensembles, so ``max_members`` counts distinct nets."""
-    if max_members < 1:
-        raise UserError(f"--max-members must be >= 1 (got {max_members})")
+    check_max_members(max_members)
     steps: list[Step] = []
     while len(steps) < max_members:
         members = [log_probs[step.candidate] for step in steps]
@@ -81,15 +85,18 @@ def select(args) -> list[Step]:
     out = Path(args.out)
     if out.exists() and not args.force:  # checked first: never after the work is done
         raise UserError(f"{out} exists; pass --force to replace it, or another --out")
-    if args.max_members < 1:
-        raise UserError(f"--max-members must be >= 1 (got {args.max_members})")
+    check_max_members(args.max_members)
     members = load_members(args.ckpt)
     images, labels = split_data(members, args.data_dir, "val")  # refuses members whose splits differ
     log_probs = member_log_probs(members, images)
     member_correct = [ensemble_correct([lp], labels) for lp in log_probs]
     steps = greedy_selection(log_probs, labels, args.max_members)
+    settings = split_of(members[0].ckpt)
+    if settings["folds"] is None:  # fold means nothing without folds
+        del settings["fold"]
+    split = ", ".join(f"{key} {value}" for key, value in settings.items() if value is not None)
+    print(f"the validation split the {len(members)} candidates share: {len(labels)} images ({split})")
     print(format_report(args.ckpt, member_correct, steps, len(labels)))
-    split = ", ".join(f"{key} {value}" for key, value in split_of(members[0].ckpt).items() if value is not None)
     final = steps[-1].correct
     comments = [
         f"chosen by select_ensemble.py from {len(members)} candidates: greedy forward selection (without "
@@ -98,7 +105,7 @@ def select(args) -> list[Step]:
         f"the ensemble's validation accuracy: {final}/{len(labels)} = {100 * final / len(labels):.2f} %",
     ]
     write_members(out, [members[step.candidate].path for step in steps], comments, args.force)
-    print(f"wrote {len(steps)} members to {out}")
+    print(f"wrote {len(steps)} member{'s' * (len(steps) > 1)} to {out}")
     return steps
 
 
