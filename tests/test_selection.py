@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REAL_DATA
+from PIL import Image
 
 from mnist_lit import evaluate, export, predict
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError
 from mnist_lit.experiments.selection import Step, ensemble_correct, greedy_selection
 from mnist_lit.experiments.selection import main as select
+from mnist_lit.idx import load_split, raw_dir
 from mnist_lit.inference import load_members
 from mnist_lit.members import MAX_BYTES, read_members, write_members
 from mnist_lit.train import main as train
@@ -217,10 +219,6 @@ def test_members_file_round_trip_and_what_the_reader_refuses(candidates, tmp_pat
 def test_predict_and_export_take_a_members_file(candidates, shared_data_dir, tmp_path, capsys):
     members = tmp_path / "members.txt"
     write_members(members, candidates[:2])
-    from PIL import Image
-
-    from mnist_lit.idx import load_split, raw_dir
-
     images, _ = load_split(raw_dir(shared_data_dir), "test")
     folder = tmp_path / "digits"
     folder.mkdir()
