@@ -140,6 +140,15 @@ def test_select_ensemble_chooses_on_validation_and_writes_a_list_evaluate_takes(
     for n, step in enumerate(steps, 1):
         row = [str(n), str(step.correct), f"{100 * step.correct / 32:.2f}", f"{step.candidate + 1}:"]
         assert any(line.split()[:4] == row for line in printed.splitlines()), printed
+    assert f"# the ensemble's validation accuracy: {steps[-1].correct}/32" in text
+    assert all(f"/32 {candidate}" in text for candidate in candidates)
+    # The runs share their validation images, so evaluate.py takes all three together on them.
+    result = tmp_path / "all"
+    assert evaluate.main(["--ckpt", *map(str, candidates), "--split", "val", "--data-dir", str(shared_data_dir),
+                          "--out", str(result)]) == 0  # fmt: skip
+    assert [m["correct"] for m in json.loads((result / "metrics.json").read_text())["members"]] == [
+        ensemble_correct([lp], labels) for lp in log_probs
+    ]
     # The list as evaluate.py's members, on validation: the ensemble's accuracy the selection printed.
     result = tmp_path / "val"
     assert evaluate.main(["--members", str(out), "--split", "val", "--data-dir", str(shared_data_dir), "--out",

@@ -103,6 +103,8 @@ def select(args) -> list[Step]:
         f"replacement, at most {args.max_members}) on the validation split they share ({split}, {len(labels)} "
         "images); the test set was not read",
         f"the ensemble's validation accuracy: {final}/{len(labels)} = {100 * final / len(labels):.2f} %",
+        "the candidates, in the order given (ties go to the earliest), and their validation accuracy alone:",
+        *(f"  {c}/{len(labels)} {ckpt}" for ckpt, c in zip(args.ckpt, member_correct)),
     ]
     write_members(out, [members[step.candidate].path for step in steps], comments, args.force)
     print(f"wrote {len(steps)} member{'s' * (len(steps) > 1)} to {out}")
