@@ -38,6 +38,14 @@ def split_indices(
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
+def split_seed(settings) -> int:
+    """The seed of a run's split from its data settings (a mapping: the data module's hyperparameters, or a
+    checkpoint's ``run_settings``): ``split_seed``, else the run's ``seed``, as for checkpoints written before
+    split_seed existed."""
+    chosen = settings.get("split_seed")
+    return settings.get("seed", 0) if chosen is None else chosen
+
+
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
     """Mean and (population) std of uint8 images after /255, exact, from a 256-bin histogram (no float copy)."""
     counts = torch.bincount(images.reshape(-1), minlength=256).double()
@@ -143,6 +151,7 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
         folds: int | None = None,
         fold: int = 0,
+        split_seed: int | None = None,
     ):
         """
         Args:
@@ -150,7 +159,7 @@ class MNISTDataModule(pl.LightningDataModule):
             dataset: mnist, fashion_mnist or kmnist.
             stage: initial (90/10 split, validated on the 10 %) or full (all 60k, evaluated on the test set).
             val_fraction: share of the 60k training images held out for validation in the initial stage.
-            seed: seeds the split and the shuffling (set from --seed_everything).
+            seed: seeds the shuffling, and the split unless ``split_seed`` is given (set from --seed_everything).
             batch_size: training batch; with DDP the global one, split between the processes.
             eval_batch_size: batch of the validation and test passes. The figures do not depend on it; the
                 original's 1000 adds ~90 MiB to the peak memory of a CPU run (LeNet's convolution buffers).
@@ -158,6 +167,9 @@ class MNISTDataModule(pl.LightningDataModule):
             folds: k-fold cross-validation of the initial stage: the 60k training images cut into this many
                 seeded, disjoint parts; validation is part ``fold``, training the rest (``val_fraction`` unused).
             fold: which part validates, 0..folds-1.
+            split_seed: seeds the split alone (None: ``seed``). Runs with the same split_seed, val_fraction and
+                fold hold out the same images whatever their seed, net or recipe: an ensemble's members can be
+                compared and chosen on a validation set they share.
         """
         super().__init__()
         dataset_spec(dataset)  # fail early on an unknown name
@@ -165,6 +177,7 @@ class MNISTDataModule(pl.LightningDataModule):
             (0 < val_fraction < 1, f"data.val_fraction must be between 0 and 1 (got {val_fraction})"),
             (batch_size >= 1 and eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1"),
             (seed >= 0, f"the seed must be >= 0 (got {seed})"),
+            (split_seed is None or split_seed >= 0, f"data.split_seed must be >= 0 (got {split_seed})"),
         )
         self.save_hyperparameters(logger=False)  # the run's config goes to the logger whole (run_config.RunConfig)
         self.train_set = self.val_set = None
@@ -200,7 +213,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.mean, self.std = pixel_stats(train_images)
         if self.hparams.stage == "initial":
             hp = self.hparams
-            train_idx, val_idx = split_indices(len(train_labels), hp.val_fraction, hp.seed, hp.folds, hp.fold)
+            train_idx, val_idx = split_indices(len(train_labels), hp.val_fraction, split_seed(hp), hp.folds, hp.fold)
             self.train_set = (train_images[train_idx], train_labels[train_idx])
             self.val_set = (train_images[val_idx], train_labels[val_idx])
         else:

@@ -1,9 +1,10 @@
 """Where does a trained model fail? Accuracy, per-class accuracy, confusion matrix, worst mistakes, curves.
 
 ``python scripts/evaluate.py --ckpt PATH [PATH ...] [--tta N] [--split test|val] [--data-dir DIR] [--out DIR]``
-writes metrics.json, confusion_matrix.png, misclassified.png and curves.png, logs the numbers and pictures to the
-checkpoint's run in TensorBoard (when it sits in one), and prints a table. Several checkpoints are evaluated
-each alone and as one ensemble (the mean of their probabilities); the pictures are the ensemble's.
+(or ``--members FILE``, a list of checkpoints: ``mnist_lit.members``) writes metrics.json, confusion_matrix.png,
+misclassified.png and curves.png, logs the numbers and pictures to the checkpoint's run in TensorBoard (when it
+sits in one), and prints a table. Several checkpoints are evaluated each alone and as one ensemble (the mean of
+their probabilities); the pictures are the ensemble's.
 """
 
 import bisect
@@ -16,18 +17,26 @@ from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, 
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.checkpoint_file import run_settings
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataModule, split_seed
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATA_DIR, DATASETS, NUM_CLASSES, ensure_raw_files
 from mnist_lit.inference import Trained, classify, load_members, mean_probability, predictor
 from mnist_lit.loggers import tensorboard_tag
+from mnist_lit.members import MEMBERS_HELP, checkpoints_of
 
-SPLIT_SETTINGS = ("val_fraction", "seed", "folds", "fold")  # what decides which images an initial stage validates on
+SPLIT_SETTINGS = ("val_fraction", "split_seed", "folds", "fold")  # which images an initial stage validates on
+
+
+def split_of(ckpt: dict) -> dict:
+    """A checkpoint's SPLIT_SETTINGS (those it records; the split seed is its split_seed, else its seed)."""
+    settings = run_settings(ckpt)
+    found = {key: settings.get(key) for key in SPLIT_SETTINGS}
+    return {**found, "split_seed": split_seed(settings)}
 
 
 def split_data(members: list[Trained], data_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels of ``split``; 'val' is the checkpoints' own initial-stage validation split, which
-    must be the same for all of them."""
+    must be the same for all of them (the same split seed, val_fraction and fold; their seeds may differ)."""
     first = members[0]
     if split == "val":
         for member in members:
@@ -36,20 +45,25 @@ def split_data(members: list[Trained], data_dir, split: str) -> tuple[torch.Tens
                     f"{member.path} is a full-stage model, trained on all training images: its 'val' split is "
                     "training data; use --split test"
                 )
-        splits = {tuple(run_settings(member.ckpt).get(key) for key in SPLIT_SETTINGS) for member in members}
+        splits = {tuple(split_of(member.ckpt).values()) for member in members}
         if len(splits) > 1:
             raise UserError(
-                "the checkpoints were validated on different splits (their seed, val_fraction or fold differ): one "
-                "member's validation images are another's training images; evaluate them one by one, or on --split test"
+                "the checkpoints were validated on different splits (their split seed, val_fraction or fold differ): "
+                "one member's validation images are another's training images; evaluate them one by one, or on "
+                "--split test, or train them with one --data.split_seed"
             )
-    data = run_settings(first.ckpt)
     ensure_raw_files(data_dir, first.dataset)
-    split_settings = {key: data[key] for key in SPLIT_SETTINGS if data.get(key) is not None}
+    split_settings = {key: value for key, value in split_of(first.ckpt).items() if value is not None}
     datamodule = MNISTDataModule(str(data_dir), first.dataset, "initial", **split_settings)
     if split == "test":
         return datamodule.test_set  # reads the test files only
     datamodule.setup()
     return datamodule.val_set
+
+
+def member_log_probs(members: list[Trained], images: torch.Tensor, tta: int = 1) -> list[torch.Tensor]:
+    """Each member's log-probabilities of ``images`` (with ``tta`` views)."""
+    return [classify(predictor([member], tta), images) for member in members]
 
 
 def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
@@ -222,13 +236,13 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
     members = load_members(ckpts, dataset)
     first, single = members[0], len(members) == 1
     images, labels = split_data(members, data_dir, split)
-    member_log_probs = [classify(predictor([member], tta), images) for member in members]
-    log_probs = member_log_probs[0] if single else mean_probability(member_log_probs)
+    each = member_log_probs(members, images, tta)
+    log_probs = each[0] if single else mean_probability(each)
     metrics = {"dataset": first.dataset, "split": split, "tta": tta}
     metrics.update(compute_metrics(log_probs, labels, first.classes))
     metrics["members"] = [
         {"ckpt": str(member.path), "acc": correct / len(labels), "correct": correct}
-        for member, correct in ((m, int((lp.argmax(1) == labels).sum())) for m, lp in zip(members, member_log_probs))
+        for member, correct in ((m, int((lp.argmax(1) == labels).sum())) for m, lp in zip(members, each))
     ]
     # A single checkpoint in a run folder: its evaluation goes into the run (curves, TensorBoard); anything else
     # (an ensemble, a loose checkpoint) beside it or in the current folder.
@@ -261,10 +275,12 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--ckpt", nargs="+", action="extend", metavar="PATH",
         help="checkpoint to evaluate; several: each alone and their ensemble (mean of the probabilities)",
     )  # fmt: skip
+    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
     parser.add_argument(
         "--tta", type=int, default=1, metavar="N",
@@ -280,6 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         args = parser.parse_args(argv)
-        evaluate(args.ckpt, args.split, args.data_dir, args.out, args.dataset, args.tta)
+        evaluate(checkpoints_of(args.ckpt, args.members), args.split, args.data_dir, args.out, args.dataset, args.tta)
 
     return exit_code(body)

@@ -30,6 +30,7 @@ from mnist_lit.idx import (
     raw_dir,
 )
 from mnist_lit.inference import Ensemble, Trained, classify, load_members, predictor
+from mnist_lit.members import MEMBERS_HELP, checkpoints_of
 from mnist_lit.module import MNISTLitModule
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
@@ -167,7 +168,7 @@ def export(args: argparse.Namespace) -> dict:
     existing = [path for path in (out, contract_path(out)) if path.exists()]
     if existing and not args.force:
         raise UserError(f"{existing[0]} exists; pass --force to replace it")
-    members = load_members(args.ckpt, args.dataset)
+    members = load_members(checkpoints_of(args.ckpt, args.members), args.dataset)
     trained, model = members[0], predictor(members)
     ensure_raw_files(args.data_dir, trained.dataset)
     images, labels = load_split(raw_dir(args.data_dir, trained.dataset), "test", trained.dataset)
@@ -209,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint, or the ensemble of several, to ONNX or TorchScript, checked against it "
         "on the full test set.",
     )
-    p.add_argument(
-        "--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--ckpt", nargs="+", action="extend", metavar="PATH",
         help="the checkpoint to export; several: one graph of their ensemble (mean of the probabilities)",
     )  # fmt: skip
+    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")
     p.add_argument(

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE
 from mnist_lit.inference import classify, load_members, predictor
+from mnist_lit.members import MEMBERS_HELP, checkpoints_of
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20, keeping its aspect ratio, then centred it in 28x28
 CANVAS_CENTRE = IMAGE_SIZE / 2  # where MNIST's centres of mass lie: (14.0, 14.0) on average over its test set
@@ -172,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "white on black, cropped to the digit, scaled into 20x20, centred by mass in 28x28.",
     )
     # One path per --ckpt (given again for an ensemble), so that the image paths can follow it.
-    p.add_argument(
-        "--ckpt", required=True, action="append", metavar="PATH",
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--ckpt", action="append", metavar="PATH",
         help="the checkpoint to use, e.g. a last.ckpt; given several times (--ckpt A --ckpt B): their ensemble, "
         "the mean of their probabilities",
     )  # fmt: skip
+    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument(
         "--tta", type=int, default=1, metavar="N",
         help="test-time augmentation: average over the first N of evaluate.py's views (default 1: off)",
@@ -197,7 +200,7 @@ def predict(args: argparse.Namespace) -> list[str]:
     files = image_files(args.paths)
     if not files:
         raise UserError(f"no image files found in {', '.join(args.paths)}")
-    members = load_members(args.ckpt, args.dataset)
+    members = load_members(checkpoints_of(args.ckpt, args.members), args.dataset)
     predictions, errors = predict_files(predictor(members, args.tta), members[0].classes, files)
     for message in errors:
         print(message, file=sys.stderr)

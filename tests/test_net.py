@@ -90,3 +90,11 @@ def test_only_a_net_with_dropout_draws_random_numbers(name):
     assert not draws_random_numbers(build_net(name))
     assert draws_random_numbers(nn.Sequential(build_net(name), nn.Dropout(0.1)))
     assert draws_random_numbers(LeNet(dropout=0.3))
+
+
+def test_residual_net_size_and_width():
+    net = build_net("residual")
+    assert sum(p.numel() for p in net.parameters()) == 308_074  # the figure in its docstring
+    assert net.features(torch.randn(2, 1, 28, 28)).shape == (2, 128)  # 4 x width channels, pooled to 1 x 1
+    narrow = build_net("residual", options={"width": 8})
+    assert narrow.features(torch.randn(2, 1, 28, 28)).shape == (2, 32) and narrow.classifier.in_features == 32
