@@ -1,7 +1,7 @@
 """The project's callbacks, each through Lightning's own extension points: numbered and last checkpoints, the
 progress bar counting epochs from 1, the divergence stop, the full stage's fresh optimizer, dropout draws that
-survive a resume, EMA with recomputed BatchNorm statistics, and the checks of the callback state a checkpoint
-brings back."""
+survive a resume, threads for the free cores, EMA with recomputed BatchNorm statistics, and the checks of the
+callback state a checkpoint brings back."""
 
 import logging
 import math
@@ -17,6 +17,7 @@ from mnist_lit.checkpoint_io import own_file
 from mnist_lit.data import seeded_generator
 from mnist_lit.errors import UserError
 from mnist_lit.schema import SchemaError, check_mapping, shown
+from mnist_lit.threads import adapt_threads
 
 log = logging.getLogger("mnist_lit")
 
@@ -101,6 +102,17 @@ class StepSeededRNG(Callback):
         step = trainer.global_step * trainer.world_size + trainer.global_rank
         seed = seeded_generator(pl_module.hparams.seed, step).initial_seed()
         torch.manual_seed(seed ^ 0x5EED_D80F)  # not the numbers the augmentation draws
+
+
+class ThreadsForFreeCores(Callback):
+    """Torch's thread count follows the cores other processes leave free (``mnist_lit.threads``), checked
+    between batches, at most once a second."""
+
+    def on_train_batch_start(self, *args) -> None:
+        adapt_threads()
+
+    def on_validation_batch_start(self, *args) -> None:
+        adapt_threads()
 
 
 class EMAWithFreshBatchNorm(EMAWeightAveraging):

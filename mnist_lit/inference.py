@@ -17,6 +17,7 @@ from mnist_lit.errors import UserError
 from mnist_lit.idx import dataset_spec
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.schema import SchemaError, check_mapping
+from mnist_lit.threads import adapt_threads
 
 
 @dataclass
@@ -112,8 +113,13 @@ def load_trained(path, dataset: str | None = None) -> Trained:
 @torch.no_grad()
 def classify(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Log-probabilities of pixel images (N x 28 x 28, any dtype, 0..255) from ``model`` (an MNISTLitModule in
-    eval mode, or any callable with an export's contract), fed as float32 N x 1 x 28 x 28 in batches."""
-    return torch.cat([model(batch.reshape(-1, 1, *batch.shape[-2:]).float()) for batch in images.split(batch_size)])
+    eval mode, or any callable with an export's contract), fed as float32 N x 1 x 28 x 28 in batches; torch's
+    threads follow the free cores between batches (``mnist_lit.threads``)."""
+    outputs = []
+    for batch in images.split(batch_size):
+        adapt_threads()
+        outputs.append(model(batch.reshape(-1, 1, *batch.shape[-2:]).float()))
+    return torch.cat(outputs)
 
 
 def load_members(paths: Sequence, dataset: str | None = None) -> list[Trained]:
