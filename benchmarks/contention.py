@@ -61,9 +61,22 @@ def start_neighbour() -> subprocess.Popen:
 def timed_run(setting: str, beside: bool, data_dir: str, steps: int, options: list[str]) -> float:
     """One short run's own wall_s, with the setting's threads, alone or beside the busy neighbour."""
     with tempfile.TemporaryDirectory() as save_dir:
-        cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--recipe", "fast", "--epochs", "1",
-               "--trainer.limit_train_batches", str(steps), "--data-dir", data_dir, "--save-dir", save_dir,
-               "--quiet", *options]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--recipe",
+            "fast",
+            "--epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            str(steps),
+            "--data-dir",
+            data_dir,
+            "--save-dir",
+            save_dir,
+            "--quiet",
+            *options,
+        ]
         neighbour = start_neighbour() if beside else None
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=environment(setting))

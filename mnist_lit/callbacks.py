@@ -169,14 +169,24 @@ class CheckedRestore(Callback):
 
 # The state Lightning's callbacks keep, as plain values (scores aside: tensors, see check_state).
 CHECKPOINT_STATE = {
-    "monitor": str | None, "dirpath": str | None, "best_model_path": str, "kth_best_model_path": str,
-    "last_model_path": str, "best_k_models": dict, "best_model_score": object, "current_score": object,
+    "monitor": str | None,
+    "dirpath": str | None,
+    "best_model_path": str,
+    "kth_best_model_path": str,
+    "last_model_path": str,
+    "best_k_models": dict,
+    "best_model_score": object,
+    "current_score": object,
     "kth_value": object,
-}  # fmt: skip
+}
 STOPPING_STATE = {
-    "wait_count": int, "stopped_epoch": int, "patience": int, "stopping_reason": int,
-    "stopping_reason_message": str | None, "best_score": object,
-}  # fmt: skip
+    "wait_count": int,
+    "stopped_epoch": int,
+    "patience": int,
+    "stopping_reason": int,
+    "stopping_reason_message": str | None,
+    "best_score": object,
+}
 RESTORED_STATE = {"time_elapsed": dict[str, float], "latest_update_step": int}  # Timer's, EMA's
 SCORES = ("best_model_score", "current_score", "kth_value", "best_score")
 

@@ -41,11 +41,11 @@ from mnist_lit.threads import adapts
 CKPT_ENV = "MNIST_LIT_CKPT"
 
 # What a resume may change: where things go, what is printed, the hardware, and (not for OneCycle) the last epoch.
-MAY_CHANGE_ON_RESUME = {
-    "ckpt", "save_dir", "save_freq", "quiet", "data.data_dir", "data.download", "trainer.max_epochs",
-    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.deterministic",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.logger",
-}  # fmt: skip
+MAY_CHANGE_ON_RESUME = set(
+    "ckpt save_dir save_freq quiet data.data_dir data.download trainer.max_epochs trainer.accelerator "
+    "trainer.devices trainer.strategy trainer.num_nodes trainer.deterministic trainer.enable_progress_bar "
+    "trainer.enable_model_summary trainer.logger".split()
+)
 TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,  # no sanity check: the first real validation comes after one epoch anyway
     "use_distributed_sampler": False,  # our in-memory loaders split the batches between DDP processes themselves
@@ -73,8 +73,12 @@ class MNISTCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--stage", type=Literal["initial", "full"], default="initial", help="initial: 90/10 "
-                            "split; full: all 60k, from an initial-stage checkpoint (--ckpt)")  # fmt: skip
+        parser.add_argument(
+            "--stage",
+            type=Literal["initial", "full"],
+            default="initial",
+            help="initial: 90/10 split; full: all 60k, from an initial-stage checkpoint (--ckpt)",
+        )
         parser.add_argument(
             "--ckpt",
             type=str | None,
@@ -86,11 +90,20 @@ class MNISTCLI(LightningCLI):
         parser.add_argument("--save_dir", default="lightning_logs", help="runs go to SAVE_DIR/STAGE/version_N")
         parser.add_argument("--save_freq", type=int, default=5, help="keep a numbered checkpoint every N epochs")
         parser.add_argument("--quiet", type=bool, default=False, help="no progress bar or Lightning banners")
-        parser.add_argument("--full_epochs", type=int | None, default=None, help="the full stage's length when "
-                            "--epochs is not given: its last epoch is the checkpoint's + this (configs/full.yaml: "
-                            "20, epochs 21-40 as in the original)")  # fmt: skip
-        parser.add_argument("--recipe", type=str | None, default=None, help="the recipe's name, for the records "
-                            "(set by its config file; --recipe NAME reads configs/NAME.yaml)")  # fmt: skip
+        parser.add_argument(
+            "--full_epochs",
+            type=int | None,
+            default=None,
+            help="the full stage's length when "
+            "--epochs is not given: its last epoch is the checkpoint's + this (configs/full.yaml: "
+            "20, epochs 21-40 as in the original)",
+        )
+        parser.add_argument(
+            "--recipe",
+            type=str | None,
+            default=None,
+            help="the recipe's name, for the records (set by its config file; --recipe NAME reads configs/NAME.yaml)",
+        )
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("stage", "data.stage")
@@ -264,8 +277,10 @@ def check_last_epoch_validated(config) -> None:
     """A run's results are its last epoch's evaluation: --trainer.check_val_every_n_epoch N must reach it."""
     every, epochs = config.trainer.check_val_every_n_epoch, config.trainer.max_epochs
     if every and epochs and epochs % every:
-        raise UserError(f"--trainer.check_val_every_n_epoch {every} skips the evaluation of the last epoch "
-                        f"({epochs}): the run's results would be an earlier epoch's; give a divisor of it")  # fmt: skip
+        raise UserError(
+            f"--trainer.check_val_every_n_epoch {every} skips the evaluation of the last epoch "
+            f"({epochs}): the run's results would be an earlier epoch's; give a divisor of it"
+        )
 
 
 def changed_settings(parser, base, config) -> set[str]:

@@ -277,22 +277,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--ckpt", nargs="+", action="extend", metavar="PATH",
+        "--ckpt",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
         help="checkpoint to evaluate; several: each alone and their ensemble (mean of the probabilities)",
-    )  # fmt: skip
+    )
     which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
     parser.add_argument(
-        "--tta", type=int, default=1, metavar="N",
+        "--tta",
+        type=int,
+        default=1,
+        metavar="N",
         help="test-time augmentation: average over the first N of a fixed set of small shifts, rotations and "
         "zooms, chosen on the validation split (default 1: off)",
-    )  # fmt: skip
+    )
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder that holds the dataset's raw/ files")
     parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoint's (default: its own)")
     parser.add_argument(
-        "--out", help="output folder (default: <run>/evaluation/<ckpt>-<split>, beside a checkpoint kept elsewhere, "
+        "--out",
+        help="output folder (default: <run>/evaluation/<ckpt>-<split>, beside a checkpoint kept elsewhere, "
         "or ./evaluation/ensemble-<split> for several)",
-    )  # fmt: skip
+    )
 
     def body():
         args = parser.parse_args(argv)

@@ -212,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--ckpt", nargs="+", action="extend", metavar="PATH",
+        "--ckpt",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
         help="the checkpoint to export; several: one graph of their ensemble (mean of the probabilities)",
-    )  # fmt: skip
+    )
     which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")

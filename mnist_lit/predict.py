@@ -175,15 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     # One path per --ckpt (given again for an ensemble), so that the image paths can follow it.
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--ckpt", action="append", metavar="PATH",
+        "--ckpt",
+        action="append",
+        metavar="PATH",
         help="the checkpoint to use, e.g. a last.ckpt; given several times (--ckpt A --ckpt B): their ensemble, "
         "the mean of their probabilities",
-    )  # fmt: skip
+    )
     which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument(
-        "--tta", type=int, default=1, metavar="N",
+        "--tta",
+        type=int,
+        default=1,
+        metavar="N",
         help="test-time augmentation: average over the first N of evaluate.py's views (default 1: off)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "paths", nargs="+", metavar="FILE_OR_FOLDER", help="images, or folders: their image files (not subfolders)"
     )

@@ -27,9 +27,16 @@ def changed_trainer_settings(trainer_config: dict) -> dict:
 # others (the full stage's length is in trainer.max_epochs, eval_split follows the stage, pixel_stats the data):
 # not the experiment.
 NOT_SETTINGS = {
-    *PATH_KEYS, *OUTPUT_SWITCHES, "data.eval_batch_size", "full_epochs", "model.eval_split", "model.pixel_stats",
-    "trainer.logger", "trainer.num_sanity_val_steps", "trainer.use_distributed_sampler",
-}  # fmt: skip
+    *PATH_KEYS,
+    *OUTPUT_SWITCHES,
+    "data.eval_batch_size",
+    "full_epochs",
+    "model.eval_split",
+    "model.pixel_stats",
+    "trainer.logger",
+    "trainer.num_sanity_val_steps",
+    "trainer.use_distributed_sampler",
+}
 
 
 def experiment_settings(config: dict) -> dict:

@@ -40,10 +40,24 @@ def add_run_options(parser: ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"{path}: no such file")
         return ["--config", str(Path(path).resolve())]
 
-    parser.add_argument("--recipe", dest="base", action="append", type=recipe, default=[], metavar="NAME",
-                        help="the runs' recipe (configs/NAME.yaml)")  # fmt: skip
-    parser.add_argument("--config", dest="base", action="append", type=config, default=[], metavar="FILE",
-                        help="a config file for every run (repeatable, with --recipe in the order given)")  # fmt: skip
+    parser.add_argument(
+        "--recipe",
+        dest="base",
+        action="append",
+        type=recipe,
+        default=[],
+        metavar="NAME",
+        help="the runs' recipe (configs/NAME.yaml)",
+    )
+    parser.add_argument(
+        "--config",
+        dest="base",
+        action="append",
+        type=config,
+        default=[],
+        metavar="FILE",
+        help="a config file for every run (repeatable, with --recipe in the order given)",
+    )
     parser.add_argument("--save-dir", required=True, help="all runs go to SAVE_DIR/initial (and full)/version_N")
     parser.add_argument("--data-dir", help="the runs' --data-dir")
     parser.add_argument("--epochs", type=int, help="each run's --epochs")

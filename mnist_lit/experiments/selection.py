@@ -75,8 +75,10 @@ def format_report(ckpts: Sequence, member_correct: Sequence[int], steps: Sequenc
     lines = [f"{'candidate':>9s} {'correct':>7s} {'acc %':>7s}  checkpoint"]
     lines += [f"{i:9d} {c:7d} {pct(c)}  {ckpt}" for i, (ckpt, c) in enumerate(zip(ckpts, member_correct), 1)]
     lines.append(f"{'chosen':>9s} {'correct':>7s} {'acc %':>7s}  the ensemble's after adding candidate")
-    lines += [f"{n:9d} {s.correct:7d} {pct(s.correct)}  {s.candidate + 1}: {ckpts[s.candidate]}" for n, s in
-              enumerate(steps, 1)]  # fmt: skip
+    lines += [
+        f"{n:9d} {s.correct:7d} {pct(s.correct)}  {s.candidate + 1}: {ckpts[s.candidate]}"
+        for n, s in enumerate(steps, 1)
+    ]
     return "\n".join(lines)
 
 
@@ -113,12 +115,23 @@ def select(args) -> list[Step]:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="select_ensemble.py", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
-                   help="the candidates: initial-stage checkpoints that share a validation split")  # fmt: skip
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="the candidates: initial-stage checkpoints that share a validation split",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="the list of the chosen members to write")
     p.add_argument("--data-dir", default=DATA_DIR, help="holds the dataset's raw/ files (default: %(default)s)")
-    p.add_argument("--max-members", type=int, default=MAX_MEMBERS, metavar="K",
-                   help=f"choose at most K members (default {MAX_MEMBERS})")  # fmt: skip
+    p.add_argument(
+        "--max-members",
+        type=int,
+        default=MAX_MEMBERS,
+        metavar="K",
+        help=f"choose at most K members (default {MAX_MEMBERS})",
+    )
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     return p
 

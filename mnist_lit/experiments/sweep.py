@@ -164,19 +164,25 @@ def sweep(args, space: dict[str, list]) -> int:
     except UserError as err:  # e.g. no run finished, so no run has the swept keys
         print(f"no table: {err}", file=sys.stderr)
     left = [point for point in points if not settled(point)]
-    running = [point for point in left if settled(point, (optuna.trial.TrialState.RUNNING,  # another worker's
-                                                          optuna.trial.TrialState.WAITING))]  # fmt: skip
+    elsewhere = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)  # another worker's
+    running = [point for point in left if settled(point, elsewhere)]
     failed = [point for point in left if point not in running]
 
     def named(some: list[dict]) -> str:
         return "; ".join(" ".join(f"{k}={v}" for k, v in point.items()) for point in some)
 
     if running:
-        print(f"{len(running)} of {len(points)} grid points still running in other workers (give the same command "
-              f"again if they died): {named(running)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(running)} of {len(points)} grid points still running in other workers (give the same command "
+            f"again if they died): {named(running)}",
+            file=sys.stderr,
+        )
     if failed:
-        print(f"{len(failed)} of {len(points)} grid points failed (give the same command again to retry them): "
-              f"{named(failed)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(failed)} of {len(points)} grid points failed (give the same command again to retry them): "
+            f"{named(failed)}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -192,8 +198,9 @@ def run_point(args, trial, point: dict, settings: list[str]) -> float:
     def initial_runs() -> list[Path]:
         return point_runs(args.save_dir, "initial", lambda a: a[: len(ident)] == ident)
 
-    initial = stage_run(initial_runs, lambda ckpt: [*settings, *args.where, *(["--ckpt", str(ckpt)] if ckpt else [])],
-                        args.jobs)  # fmt: skip
+    initial = stage_run(
+        initial_runs, lambda ckpt: [*settings, *args.where, *(["--ckpt", str(ckpt)] if ckpt else [])], args.jobs
+    )
     record_run(trial, initial)
     results = results_of(initial)
     if results["acc"] is None:
@@ -202,9 +209,11 @@ def run_point(args, trial, point: dict, settings: list[str]) -> float:
     if args.then_full:
         epochs = ["--epochs", str(results["epoch"] + args.full_epochs)] if args.full_epochs else []
         first = initial / "checkpoints" / "last.ckpt"
-        full = stage_run(lambda: point_runs(args.save_dir, "full", lambda a: False, chain=initial_runs()),
-                         lambda ckpt: ["--stage", "full", *epochs, *args.where, "--ckpt", str(ckpt or first)],
-                         args.jobs)  # fmt: skip
+        full = stage_run(
+            lambda: point_runs(args.save_dir, "full", lambda a: False, chain=initial_runs()),
+            lambda ckpt: ["--stage", "full", *epochs, *args.where, "--ckpt", str(ckpt or first)],
+            args.jobs,
+        )
         record_run(trial, full)
         trial.set_user_attr("test_acc", results_of(full)["acc"])  # recorded, never used to choose anything
         line += f", full stage test {100 * results_of(full)['acc']:.2f} % ({full})"
@@ -237,8 +246,11 @@ def earlier_result(trial, point: dict) -> float | None:
     if done is None:
         return None
     trial.set_user_attr("result_of_trial", done.number)
-    print(f"trial {trial.number} {' '.join(f'{k}={v}' for k, v in point.items())}: {100 * done.value:.2f} % "
-          f"(trial {done.number}'s)", flush=True)  # fmt: skip
+    print(
+        f"trial {trial.number} {' '.join(f'{k}={v}' for k, v in point.items())}: {100 * done.value:.2f} % "
+        f"(trial {done.number}'s)",
+        flush=True,
+    )
     return done.value
 
 
@@ -246,16 +258,26 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_run_options(p)
     p.add_argument("--seeds", help="the runs' seeds: 0-4, 0,2,5 (default: the config's seed)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a setting's values, e.g. model.lr=0.01,0.1 (repeatable: the cross product)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a setting's values, e.g. model.lr=0.01,0.1 (repeatable: the cross product)",
+    )
     p.add_argument("--then-full", action="store_true", help="each initial run followed by its full stage")
     p.add_argument(
         "--full-epochs",
         type=int,
         help="with --then-full: its last epoch is the initial run's + this (default: train.py's)",
     )
-    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, metavar="S", help="seconds between a trial's "
-                   f"heartbeats; a dead worker's trial is retried 3 later (default {HEARTBEAT_S})")  # fmt: skip
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=HEARTBEAT_S,
+        metavar="S",
+        help=f"seconds between a trial's heartbeats; a dead worker's trial is retried 3 later (default {HEARTBEAT_S})",
+    )
     return p
 
 

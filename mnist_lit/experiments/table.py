@@ -122,15 +122,20 @@ def check_key(key: str, known: set[str], option: str) -> None:
     if key in known:
         return
     close = difflib.get_close_matches(key, sorted(known), n=3)
-    hint = f"did you mean {' or '.join(close)}?" if close else "keys are stage, version, recipe, status and " \
-        "config.yaml's dotted settings, such as model.lr or seed_everything"  # fmt: skip
+    hint = (
+        f"did you mean {' or '.join(close)}?"
+        if close
+        else "keys are stage, version, recipe, status and "
+        "config.yaml's dotted settings, such as model.lr or seed_everything"
+    )
     raise UserError(f"unknown key for {option}: {key}; {hint}")
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="runs.py", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("save_dir", nargs="*", metavar="SAVE_DIR",
-                   help="the runs' --save-dir, or several (default lightning_logs)")  # fmt: skip
+    p.add_argument(
+        "save_dir", nargs="*", metavar="SAVE_DIR", help="the runs' --save-dir, or several (default lightning_logs)"
+    )
     p.add_argument(
         "--storage",
         metavar="URL",
@@ -138,12 +143,22 @@ def build_parser() -> ArgumentParser:
         "database (sweep.py's or tune.py's --storage; a sqlite file: sqlite:///SAVE_DIR/sweep.db)",
     )
     p.add_argument("--study", metavar="NAME", help="with --storage: the study (needed if it holds several)")
-    p.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
-                   help="mean ± sd of the final accuracy over the finished runs sharing these keys' values, e.g. "
-                   "recipe model.lr (seed_everything is the seed); settings: all settings but the seed, i.e. the "
-                   "runs that differ only in their seed")  # fmt: skip
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="only the runs whose KEY reads VALUE (numbers compare as numbers); repeatable")  # fmt: skip
+    p.add_argument(
+        "--group-by",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="mean ± sd of the final accuracy over the finished runs sharing these keys' values, e.g. "
+        "recipe model.lr (seed_everything is the seed); settings: all settings but the seed, i.e. the "
+        "runs that differ only in their seed",
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only the runs whose KEY reads VALUE (numbers compare as numbers); repeatable",
+    )
     p.add_argument("--format", choices=FORMATS, default="table", help="aligned text (default), csv or markdown")
     return p
 

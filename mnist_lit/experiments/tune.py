@@ -45,13 +45,17 @@ def load_space(path: str) -> dict[str, dict]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"--space {path}: {getattr(err, 'strerror', None) or 'not valid YAML'}") from None
     if not isinstance(space, dict) or not space:
-        raise UserError(f"--space {path}: a mapping of settings to ranges, e.g. model.lr: {{type: float, low: 1e-4, "
-                        "high: 0.1, log: true}")  # fmt: skip
+        raise UserError(
+            f"--space {path}: a mapping of settings to ranges, e.g. model.lr: {{type: float, low: 1e-4, "
+            "high: 0.1, log: true}"
+        )
     for key, spec in space.items():
         if not valid(key, spec):
-            raise UserError(f"--space {path}: {key}: give a train.py setting (such as model.lr) and {{type: float "
-                            "or int, low: L, high: H (L < H), log: true or false} or {type: categorical, choices: "
-                            "[...]}")  # fmt: skip
+            raise UserError(
+                f"--space {path}: {key}: give a train.py setting (such as model.lr) and {{type: float "
+                "or int, low: L, high: H (L < H), log: true or false} or {type: categorical, choices: "
+                "[...]}"
+            )
     return space
 
 
@@ -128,10 +132,19 @@ def tune(args, space: dict[str, dict]) -> int:
         if counted(below=trial.number) >= args.trials:  # the earlier trials fill --trials
             study.stop()
             raise Surplus(f"trial {trial.number} is beyond --trials {args.trials}")
-        params = [a for k, v in suggest(trial, space).items() for a in (f"--{k}", v if isinstance(v, str) else
-                  json.dumps(v))]  # fmt: skip
-        pruning = [f"--trainer.callbacks.{k}={v}" for k, v in (("storage", args.storage), ("study", name),
-                   ("trial", trial.number), ("prune_below", args.prune_below)) if v is not None]  # fmt: skip
+        params = [
+            a for k, v in suggest(trial, space).items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))
+        ]
+        pruning = [
+            f"--trainer.callbacks.{k}={v}"
+            for k, v in (
+                ("storage", args.storage),
+                ("study", name),
+                ("trial", trial.number),
+                ("prune_below", args.prune_below),
+            )
+            if v is not None
+        ]
         callback = "--trainer.callbacks+=mnist_lit.experiments.pruning.OptunaPruning"
         launch.run_train([*args.settings, *params, callback, *pruning, *args.where], args.jobs)
         attrs = study.get_trials(deepcopy=False)[trial.number].user_attrs  # as the train.py process left them
@@ -148,8 +161,13 @@ def tune(args, space: dict[str, dict]) -> int:
             study.stop()
 
     if counted() < args.trials:
-        study.optimize(objective, n_trials=args.trials - counted(), n_jobs=args.jobs, catch=(launch.RunFailed, Surplus),
-                       callbacks=[stop_at_trials])  # fmt: skip
+        study.optimize(
+            objective,
+            n_trials=args.trials - counted(),
+            n_jobs=args.jobs,
+            catch=(launch.RunFailed, Surplus),
+            callbacks=[stop_at_trials],
+        )
     trials = study.get_trials(deepcopy=False)
     states = [t.state.name.lower() for t in trials]
     print(f"study {name}: " + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))))
@@ -161,8 +179,10 @@ def tune(args, space: dict[str, dict]) -> int:
     part = path.with_name(f"best.yaml.{os.getpid()}")  # workers finishing together: each replaces it whole
     part.write_text(head + yaml.safe_dump(best_config(args.base, args.epochs, best.params), sort_keys=False))
     part.replace(path)
-    print(f"best: trial {best.number}, val acc {100 * best.value:.2f} %, {best.params}; its settings: {path} "
-          f"(python scripts/train.py --config {path})")  # fmt: skip
+    print(
+        f"best: trial {best.number}, val acc {100 * best.value:.2f} %, {best.params}; its settings: {path} "
+        f"(python scripts/train.py --config {path})"
+    )
     return 0
 
 
@@ -172,8 +192,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--space", required=True, metavar="SPACE.yaml", help="the settings to search and their ranges")
     p.add_argument("--trials", type=int, required=True, help="the study's number of trials")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0; one per worker)")
-    p.add_argument("--prune-below", type=float, metavar="ACC", help="prune a trial whose val accuracy (0-1) falls "
-                   "below ACC at an epoch (default: below the median of the earlier trials at that epoch)")  # fmt: skip
+    p.add_argument(
+        "--prune-below",
+        type=float,
+        metavar="ACC",
+        help="prune a trial whose val accuracy (0-1) falls "
+        "below ACC at an epoch (default: below the median of the earlier trials at that epoch)",
+    )
     return p
 
 
