@@ -22,7 +22,7 @@ from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATA_DIR, DATASETS, NUM_CLASSES, ensure_raw_files
 from mnist_lit.inference import Trained, classify, load_members, mean_probability, predictor
 from mnist_lit.loggers import tensorboard_tag
-from mnist_lit.members import MEMBERS_HELP, checkpoints_of
+from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
 
 SPLIT_SETTINGS = ("val_fraction", "split_seed", "folds", "fold")  # which images an initial stage validates on
 
@@ -275,15 +275,10 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--ckpt",
-        nargs="+",
-        action="extend",
-        metavar="PATH",
-        help="checkpoint to evaluate; several: each alone and their ensemble (mean of the probabilities)",
+    add_checkpoint_arguments(
+        parser,
+        "checkpoint to evaluate; several: each alone and their ensemble (mean of the probabilities)",
     )
-    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     parser.add_argument("--split", choices=["test", "val"], default="test", help="test set, or the run's val split")
     parser.add_argument(
         "--tta",

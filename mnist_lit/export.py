@@ -30,7 +30,7 @@ from mnist_lit.idx import (
     raw_dir,
 )
 from mnist_lit.inference import Ensemble, Trained, classify, load_members, predictor
-from mnist_lit.members import MEMBERS_HELP, checkpoints_of
+from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
 from mnist_lit.module import MNISTLitModule
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
@@ -210,15 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint, or the ensemble of several, to ONNX or TorchScript, checked against it "
         "on the full test set.",
     )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--ckpt",
-        nargs="+",
-        action="extend",
-        metavar="PATH",
-        help="the checkpoint to export; several: one graph of their ensemble (mean of the probabilities)",
+    add_checkpoint_arguments(
+        p,
+        "the checkpoint to export; several: one graph of their ensemble (mean of the probabilities)",
     )
-    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torchscript (deprecated by torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model; its contract goes to FILE.json")
     p.add_argument(

@@ -15,6 +15,17 @@ MAX_BYTES = 64 * 1024  # a few hundred paths; a list of an ensemble's members is
 MEMBERS_HELP = "instead of --ckpt: a file listing the checkpoints, one a line (as select_ensemble.py writes)"
 
 
+def add_checkpoint_arguments(parser, help: str, nargs: str | None = "+") -> None:
+    """The scripts' ``--ckpt PATH ...`` or ``--members FILE``, one of them required. ``nargs=None``: one path
+    per ``--ckpt``, given again for more (predict.py: its image paths follow)."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    if nargs is None:
+        which.add_argument("--ckpt", action="append", metavar="PATH", help=help)
+    else:
+        which.add_argument("--ckpt", nargs=nargs, action="extend", metavar="PATH", help=help)
+    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
+
+
 def read_members(path) -> list[Path]:
     """The checkpoint paths a members file lists, in its order; UserError naming the file (and line) if it is
     missing, too large, not UTF-8 text, empty, or names a path that is not an existing file."""

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE
 from mnist_lit.inference import classify, load_members, predictor
-from mnist_lit.members import MEMBERS_HELP, checkpoints_of
+from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20, keeping its aspect ratio, then centred it in 28x28
 CANVAS_CENTRE = IMAGE_SIZE / 2  # where MNIST's centres of mass lie: (14.0, 14.0) on average over its test set
@@ -173,15 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "white on black, cropped to the digit, scaled into 20x20, centred by mass in 28x28.",
     )
     # One path per --ckpt (given again for an ensemble), so that the image paths can follow it.
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--ckpt",
-        action="append",
-        metavar="PATH",
-        help="the checkpoint to use, e.g. a last.ckpt; given several times (--ckpt A --ckpt B): their ensemble, "
+    add_checkpoint_arguments(
+        p,
+        "the checkpoint to use, e.g. a last.ckpt; given several times (--ckpt A --ckpt B): their ensemble, "
         "the mean of their probabilities",
+        nargs=None,
     )
-    which.add_argument("--members", metavar="FILE", help=MEMBERS_HELP)
     p.add_argument(
         "--tta",
         type=int,
