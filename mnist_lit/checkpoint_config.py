@@ -59,6 +59,7 @@ TRAINER_TYPES = {
     "gradient_clip_algorithm": Literal["norm", "value"] | None,
     "profiler": Literal["simple", "advanced", "pytorch"] | None,
     "model_registry": None,
+    "plugins": None,
 }
 TRAINER_TYPES = {flag: hint for flag, hint in TRAINER_TYPES.items() if f"trainer.{flag}" not in DROPPED}
 
