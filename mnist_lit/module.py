@@ -160,8 +160,8 @@ class MNISTLitModule(pl.LightningModule):
 
     def log_epoch(self, split: str) -> None:
         # Logged once per epoch from the epoch-end hooks: Lightning computes (syncs across processes) and resets
-        # the metric objects. Logged from every step instead (Lightning then moves each metric object to the device
-        # on every call), one LeNet epoch took 1.165x the bare Trainer's time instead of 1.070x (docs/benchmark.md).
+        # the metric objects. Logged from every step, Lightning would move each metric object to the device on every
+        # call (docs/benchmark.md, "The cost of a step").
         self.log(f"{split}/loss", getattr(self, f"{split}_loss"), on_step=False, on_epoch=True)
         self.log(f"{split}/acc", getattr(self, f"{split}_acc"), on_step=False, on_epoch=True)
         if split != "train":
@@ -196,7 +196,7 @@ class MNISTLitModule(pl.LightningModule):
         """Randomly moved and bent preprocessed images; the uncovered border is a black pixel, preprocessed."""
         # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
         generator = seeded_generator(self.hparams.seed, self.global_step, inputs.device)
-        # The fill as float32 arithmetic on float32 statistics gives it, as the figures in docs/recipes.md had it.
+        # The fill computed in float32 from float32 statistics: the value the strong recipe's figures were made with.
         mean, std = torch.tensor(self.pixel_stats, dtype=torch.float32)
         background = float(-mean / std)
         return random_affine(inputs, generator, background=background, elastic=self.hparams.elastic)

@@ -47,7 +47,8 @@ def test_counts_are_those_computed_by_hand_each_on_its_own_split(trained_ckpt, s
         assert line.split() == [str(ckpt), "(of", "32)", *map(str, counts)]
     assert lines[3].split() == ["all", "(of", "64)", *map(str, total)]
     chosen = total.index(max(total)) + 1
-    assert lines[4] == f"most right on validation: N = {chosen} ({max(total)} of 64; N = 1, no augmentation: {total[0]})"
+    best = f"N = {chosen} ({max(total)} of 64; N = 1, no augmentation: {total[0]})"
+    assert lines[4] == f"most right on validation: {best}"
     assert len(lines) == 5
     # N = 1 is the model itself on the run's own validation images: what the run reported at its end.
     for ckpt, counts in zip([trained_ckpt, seed1_ckpt], by_hand, strict=True):
