@@ -202,7 +202,7 @@ class MNISTLitModule(pl.LightningModule):
         """Randomly moved and bent preprocessed images; the uncovered border is a black pixel, preprocessed."""
         # Draws depend only on (seed, step), never on global RNG state, so a resumed run augments identically.
         generator = seeded_generator(self.hparams.seed, self.global_step, inputs.device)
-        # The fill as float32 arithmetic on float32 statistics gives it, as the figures in docs/recipes.md had it.
+        # The fill computed in float32 from float32 statistics: the value the strong recipe's figures were made with.
         mean, std = torch.tensor(self.pixel_stats, dtype=torch.float32)
         background = float(-mean / std)
         return random_affine(inputs, generator, background=background, elastic=self.hparams.elastic)

@@ -102,7 +102,7 @@ def keep_freed_memory() -> None:
     By default glibc returns large freed blocks (a step's activations) to the OS and page-faults fresh zeroed
     pages back in on the next step. How often depends on its adaptive thresholds: measured on the 2-core CPU,
     the plain loop's LeNet epoch took 0.75-2.1 million page faults and 10.1-11.5 s from run to run; with these
-    two settings 0.36 million and 9.0-9.5 s (4 runs each; docs/benchmark.md). Process-wide, so it is called by
+    two settings 0.36 million and 9.0-9.5 s (4 runs each, 2-core Intel Xeon). Process-wide, so it is called by
     the entry points only (train.py's main, the benchmark), never on import.
     """
     try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The measurements that need a CUDA GPU (CI has none), made to run in one call on a lent machine. Each part
-# appends its raw lines to OUT_DIR/gpu_check_<device>.txt (docs/ keeps a copy); logs and runs stay in OUT_DIR.
+# appends its raw lines to OUT_DIR/gpu_check_<device>.txt (benchmarks/results/ keeps such reports); logs and runs
+# stay in OUT_DIR.
 #   usage: scripts/gpu_check.sh DATA_DIR OUT_DIR [PART ...]       (PYTHON=python3 to choose the interpreter)
 # Parts, in this order (default: all six):
 #   tests     tests/test_gpu.py: both stages of every recipe, no host sync inside a training step, the benchmark
