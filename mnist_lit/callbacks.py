@@ -106,13 +106,21 @@ class StepSeededRNG(Callback):
 
 class ThreadsForFreeCores(Callback):
     """Torch's thread count follows the cores other processes leave free (``mnist_lit.threads``), checked
-    between batches, at most once a second."""
+    between batches. Not with several processes (DDP): Lightning divides the cores between them."""
+
+    def __init__(self):
+        self.active = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.active = trainer.world_size == 1
 
     def on_train_batch_start(self, *args) -> None:
-        adapt_threads()
+        if self.active:
+            adapt_threads()
 
     def on_validation_batch_start(self, *args) -> None:
-        adapt_threads()
+        if self.active:
+            adapt_threads()
 
 
 class EMAWithFreshBatchNorm(EMAWeightAveraging):

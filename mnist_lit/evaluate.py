@@ -23,6 +23,7 @@ from mnist_lit.idx import DATA_DIR, DATASETS, NUM_CLASSES, ensure_raw_files
 from mnist_lit.inference import Trained, classify, load_members, mean_probability, predictor
 from mnist_lit.loggers import tensorboard_tag
 from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
+from mnist_lit.threads import adapt_threads
 
 SPLIT_SETTINGS = ("val_fraction", "split_seed", "folds", "fold")  # which images an initial stage validates on
 
@@ -274,6 +275,7 @@ def evaluate(ckpts: list[str], split: str, data_dir: str, out: str | None, datas
 
 
 def main(argv: list[str] | None = None) -> int:
+    adapt_threads()  # the first measurement of the load starts: by the first batch it is known
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     add_checkpoint_arguments(
         parser,

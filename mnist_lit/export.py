@@ -32,6 +32,7 @@ from mnist_lit.idx import (
 from mnist_lit.inference import Ensemble, Trained, classify, load_members, predictor
 from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
 from mnist_lit.module import MNISTLitModule
+from mnist_lit.threads import adapt_threads
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "log_probs"
 CONTRACT_KEY = "mnist_lit.contract"  # ONNX metadata_props key, and the name of the file inside a TorchScript archive
@@ -226,5 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line of scripts/export.py: errors meant for the user become one line and exit code 2."""
+    adapt_threads()  # the first measurement of the load starts: by the first batch it is known
     argv = sys.argv[1:] if argv is None else argv
     return exit_code(lambda: export(build_parser().parse_args(argv)))

@@ -14,6 +14,7 @@ from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.idx import DATASETS, IMAGE_SIZE
 from mnist_lit.inference import classify, load_members, predictor
 from mnist_lit.members import add_checkpoint_arguments, checkpoints_of
+from mnist_lit.threads import adapt_threads
 
 DIGIT_BOX = 20  # MNIST fitted each digit into 20x20, keeping its aspect ratio, then centred it in 28x28
 CANVAS_CENTRE = IMAGE_SIZE / 2  # where MNIST's centres of mass lie: (14.0, 14.0) on average over its test set
@@ -216,4 +217,5 @@ def predict(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line of scripts/predict.py: 2 if any file was unreadable or on an error, else 0."""
+    adapt_threads()  # the first measurement of the load starts: by the first batch it is known
     return exit_code(lambda: 2 if predict(build_parser().parse_args(argv)) else 0)

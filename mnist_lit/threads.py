@@ -4,7 +4,7 @@ Torch runs a parallel region on one OpenMP thread per core, and the threads spin
 On a machine where another process is busy, one of them waits for a core the neighbour holds while the others
 spin: a run beside one busy single-threaded process took 3x its time alone (2-core AMD EPYC; docs/benchmark.md).
 One thread fewer avoids that, but costs up to 1.7x on an idle machine; so the count follows the load instead:
-about once a second ``adapt_threads`` measures how much CPU the other processes took (the machine's busy time in
+every half second ``adapt_threads`` measures how much CPU the other processes took (the machine's busy time in
 ``/proc/stat`` less this process's own) and sets torch's thread count to the cores they leave free, all of them on
 an idle machine (torch's default).
 
@@ -20,7 +20,7 @@ from time import monotonic
 import torch
 
 USER_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-INTERVAL_S = 1.0  # between measurements: long enough to average the neighbours' use, short against a run
+INTERVAL_S = 0.5  # between measurements: 50 clock ticks a core, short against a run
 # Others' use (in cores) that counts as a busy core: a neighbour beside our spinning threads gets ~0.6 of one;
 # below 0.4 it is background noise (a shell, a logger).
 BUSY_CORE = 0.4
@@ -82,7 +82,7 @@ _decided = False
 
 
 def adapt_threads() -> None:
-    """Call between batches: sets torch's thread count to the free cores, at most once a second (a clock read
+    """Call between batches: sets torch's thread count to the free cores, at most every INTERVAL_S (a clock read
     otherwise). Does nothing where ``adapts()`` says no (decided on the first call)."""
     global _free_cores, _decided
     if not _decided:
