@@ -222,3 +222,16 @@ def test_a_fold_from_the_command_line(shared_data_dir, tmp_path, capsys):
     )
     assert main([*common, "--data.folds", "4", "--data.fold", "1"]) == 0
     assert json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())["count"] == 80
+
+
+@pytest.mark.parametrize("split", [{}, {"val_fraction": 0.25, "seed": 3}, {"folds": 4, "fold": 2}])
+def test_datamodule_validates_on_the_splits_images_and_never_on_a_training_image(shared_data_dir, split):
+    images, labels = load_split(raw_dir(shared_data_dir), "train")
+    data = MNISTDataModule(str(shared_data_dir), **split)
+    data.setup()
+    hp = data.hparams
+    train_idx, val_idx = split_indices(len(labels), hp.val_fraction, hp.seed, hp.folds, hp.fold)
+    for (got_images, got_labels), idx in ((data.train_set, train_idx), (data.val_set, val_idx)):
+        assert torch.equal(got_images, images[idx]) and torch.equal(got_labels, labels[idx])
+    trained_on = {image.numpy().tobytes() for image in data.train_set[0]}
+    assert not [image for image in data.val_set[0] if image.numpy().tobytes() in trained_on]
