@@ -165,3 +165,41 @@ def test_checkpoints_of_the_previous_version_evaluate_alike_and_the_full_stage_g
     argv = ["--stage", "full", "--ckpt", str(old), "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
     assert train_main([*argv, "--epochs", "4", "--quiet"]) == 0
     assert json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())["count"] == 120
+
+
+def test_val_split_of_a_k_fold_run_is_that_runs_own_fold(shared_data_dir, tmp_path):
+    """--split val of a run that validated on fold 2 of 4 (seed 2): exactly that fold's 80 images, as the run
+    itself counted them and as classifying those images by hand counts them."""
+    from mnist_lit.data import split_indices
+    from mnist_lit.idx import load_split, raw_dir
+    from mnist_lit.inference import load_trained
+    from mnist_lit.train import main as train_main
+
+    fold = {"folds": 4, "fold": 2, "seed": 2}
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--lr", "0.05", "--quiet"]
+    argv += ["--data.folds", fold["folds"], "--data.fold", fold["fold"], "--seed", fold["seed"]]
+    assert train_main([str(a) for a in argv]) == 0
+    run_dir = tmp_path / "initial" / "version_0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert (
+        main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(tmp_path / "ev")])
+        == 0
+    )
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    images, labels = load_split(raw_dir(shared_data_dir), "train")
+    val = split_indices(len(labels), 0.1, fold["seed"], fold["folds"], fold["fold"])[1]
+    with torch.no_grad():
+        predicted = load_trained(ckpt).module(images[val]).argmax(1)
+    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_(
+        (labels[val], predicted), torch.tensor(1), accumulate=True
+    )
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    assert (
+        (metrics["correct"], metrics["count"])
+        == (results["correct"], results["count"])
+        == (
+            int((predicted == labels[val]).sum()),
+            80,
+        )
+    )
