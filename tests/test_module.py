@@ -6,6 +6,7 @@ from unittest.mock import patch
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from helpers import digits, loss_before_and_after_one_step, previous_version_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -148,3 +149,26 @@ def test_checkpoints_of_the_previous_version_load_with_their_statistics(trained_
     images, _ = digits(40, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(old(images), new(images))
+
+
+def test_label_smoothing_shapes_the_training_loss_only_evaluation_reports_plain_nll():
+    from mnist_lit.loss import nll_loss
+
+    torch.manual_seed(0)
+    images, labels = batch(48, seed=5)
+    model = MNISTLitModule(net="slim", label_smoothing=0.3).eval()
+    with torch.no_grad():
+        log_probs = model(images)
+    plain, smoothed = F.nll_loss(log_probs, labels).item(), nll_loss(log_probs, labels, 0.3).item()
+    assert abs(plain - smoothed) > 0.01  # the two differ here, so the check below can tell them apart
+    loader = DataLoader(TensorDataset(images, labels), batch_size=20)  # a partial last batch too
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for split in ("val", "test"):
+        model.hparams.eval_split = split  # the per-epoch evaluation: val (initial stage) or test (full stage)
+        trainer.validate(model, dataloaders=loader, verbose=False)
+        assert trainer.callback_metrics[f"{split}/loss"].item() == pytest.approx(plain, rel=1e-5)
+    trainer.test(model, dataloaders=loader, verbose=False)
+    assert trainer.callback_metrics["test/loss"].item() == pytest.approx(plain, rel=1e-5)
+    model.train_loss.reset()
+    model.model_step((images, labels), "train")
+    assert model.train_loss.compute().item() == pytest.approx(nll_loss(model(images), labels, 0.3).item(), rel=1e-5)
