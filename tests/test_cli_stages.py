@@ -223,3 +223,21 @@ def test_runs_compare_by_their_settings_in_tensorboards_hparams_tab(initial_run,
     full_dir = tmp_path / "full" / "version_0"
     settings = hparams_in_events(full_dir)
     assert settings["model/lr"] == 0.0001 and settings["stage"] == "full" and "ckpt" not in settings
+
+
+def test_every_checkpoint_a_run_reads_is_read_weights_only(initial_run, tmp_path, monkeypatch):
+    """A resume and a full stage read the checkpoint twice (its settings, then Lightning's restore of ckpt_path):
+    both with weights_only=True, so a checkpoint from elsewhere cannot run code."""
+    data_dir, _, initial_dir = initial_run
+    real_load, reads = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        reads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    last = initial_dir / "checkpoints" / "last.ckpt"
+    for argv in (["--ckpt", last, "--epochs", "5"], ["--stage", "full", "--ckpt", last, "--full_epochs", "1"]):
+        reads.clear()
+        assert run(*argv, "--data-dir", data_dir, "--save-dir", tmp_path, "--quiet") == 0
+        assert len(reads) >= 2 and all(weights_only is True for weights_only in reads), (argv, reads)
