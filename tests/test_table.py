@@ -311,3 +311,18 @@ def test_group_by_settings_averages_only_runs_that_differ_in_their_seed(tmp_path
     assert same == settings  # keys named twice count once
     code, _, err = run_main(capsys, tmp_path, "--filter", "settings=x")
     assert code == 2 and "unknown key for --filter: settings" in err
+
+
+def test_a_finished_run_with_accuracy_0_counts_in_its_groups_mean_and_sd(tmp_path, capsys):
+    accs = [0.0, 0.5, 0.9]  # a run that learnt nothing is a result, not a missing one
+    for version, acc in enumerate(accs):
+        make_run(tmp_path, "initial", version, config(seed_everything=version), results("initial", acc, 20))
+    make_run(tmp_path, "initial", len(accs), config(seed_everything=9), last_ckpt=True)  # unfinished: not counted
+    code, out, _ = run_main(capsys, tmp_path, "--group-by", "recipe", "--format", "csv")
+    (group,) = csv.DictReader(io.StringIO(out))
+    percent = [100 * acc for acc in accs]
+    assert code == 0 and (group["n"], group["other runs"]) == ("3", "1")
+    assert (group["acc % mean"], group["sd"]) == (f"{statistics.mean(percent):.2f}", f"{statistics.stdev(percent):.2f}")
+    code, out, _ = run_main(capsys, tmp_path, "--format", "csv")
+    first = next(csv.DictReader(io.StringIO(out)))
+    assert (first["correct/count"], first["acc %"], first["status"]) == ("0/6000", "0.00", "finished")
