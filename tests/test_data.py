@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import REAL_DATA, digits, idx_bytes, write_mnist
 
-from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
+from mnist_lit.data import EpochSampler, InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import UserError
 from mnist_lit.idx import DATASETS, MEAN, STD, ensure_raw_files, load_split, raw_dir, read_idx
 from mnist_lit.train import main
@@ -171,6 +171,18 @@ def test_loader_keeps_last_batch_and_shuffles_per_epoch():
     assert not torch.equal(torch.cat(epoch0), torch.cat([y for _, y in other_seed]))
     plain = InMemoryLoader(images, labels.long(), batch_size=32, shuffle=False)
     assert torch.equal(torch.cat([y for _, y in plain]), labels.long())
+
+
+def test_every_seed_and_epoch_has_an_order_of_its_own():
+    """The shuffle of epoch e of a run with seed s depends on both: no two (seed, epoch) pairs share an order (nor
+    the draws of any other (seed, counter) generator: augmentation, dropout)."""
+    orders = set()
+    for seed in range(4):
+        for epoch in range(4):
+            sampler = EpochSampler(50, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            orders.add(tuple(sampler.indices().tolist()))
+    assert len(orders) == 4 * 4
 
 
 def test_normalize():
