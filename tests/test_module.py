@@ -172,3 +172,24 @@ def test_label_smoothing_shapes_the_training_loss_only_evaluation_reports_plain_
     model.train_loss.reset()
     model.model_step((images, labels), "train")
     assert model.train_loss.compute().item() == pytest.approx(nll_loss(model(images), labels, 0.3).item(), rel=1e-5)
+
+
+def test_augmentation_draws_anew_at_every_training_step(monkeypatch):
+    """Seeded by (seed, step) so that a resume draws the same, yet no two steps (of one epoch or of two) draw alike:
+    the generator each step hands the augmentation is probed for its next numbers."""
+    import mnist_lit.module
+
+    real_affine, draws = mnist_lit.module.random_affine, []
+
+    def recording_affine(inputs, generator, **kwargs):
+        probe = torch.Generator(device=generator.device)
+        probe.set_state(generator.get_state())
+        draws.append(torch.rand(8, generator=probe))
+        return real_affine(inputs, generator, **kwargs)
+
+    monkeypatch.setattr(mnist_lit.module, "random_affine", recording_affine)
+    images, labels = batch(96, seed=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(MNISTLitModule(net="linear", augment=True), DataLoader(TensorDataset(images, labels), batch_size=32))
+    assert len(draws) == 2 * 3 and len({draw.numpy().tobytes() for draw in draws}) == len(draws)
