@@ -1,6 +1,8 @@
 """mnist_lit.inference through its users: a checkpoint's weights must fit its model exactly, for every script that
 rebuilds one (evaluate.py, predict.py, export.py, train.py --ckpt)."""
 
+import json
+
 import pytest
 import torch
 from helpers import digits
@@ -41,3 +43,26 @@ def test_a_checkpoint_missing_a_layer_is_refused_not_loaded_with_that_layer_rand
         assert not out.exists(), use
     with pytest.raises(UserError, match=f"{layer}.weight"):
         load_trained(broken)
+
+
+def test_a_checkpoint_is_used_in_eval_mode_its_dropout_off(trained_ckpt, shared_data_dir, tmp_path):
+    """The same weights saved with dropout 0.5: evaluate.py and predict.py give exactly what they give without it
+    (in training mode half the hidden values would be dropped, at random)."""
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    ckpt["hyper_parameters"]["net_options"] = {"dropout": 0.5}  # dropout has no weights: they load as they are
+    dropout = tmp_path / "dropout.ckpt"
+    torch.save(ckpt, dropout)
+    assert not load_trained(dropout).module.training
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(digits(6, seed=4)[0]):
+        Image.fromarray(image.numpy()).save(images / f"{i}.png")
+    outputs = {}
+    for name, path in (("plain", trained_ckpt), ("dropout", dropout)):
+        out = tmp_path / name
+        assert evaluate.main(["--ckpt", str(path), "--data-dir", str(shared_data_dir), "--out", str(out)]) == 0
+        assert predict.main(["--ckpt", str(path), str(images), "--out", str(out / "preds.csv")]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        csv_rows = [row.split(",", 1)[1] for row in (out / "preds.csv").read_text().splitlines()]
+        outputs[name] = (metrics["loss"], metrics["confusion_matrix"], csv_rows)
+    assert outputs["dropout"] == outputs["plain"]
