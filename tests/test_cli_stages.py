@@ -241,3 +241,34 @@ def test_every_checkpoint_a_run_reads_is_read_weights_only(initial_run, tmp_path
         reads.clear()
         assert run(*argv, "--data-dir", data_dir, "--save-dir", tmp_path, "--quiet") == 0
         assert len(reads) >= 2 and all(weights_only is True for weights_only in reads), (argv, reads)
+
+
+def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, monkeypatch):
+    """A model right on exactly 7 of its 40 validation images: results.json and the epoch line say 7/40, though
+    the float32 accuracy times 40 is 6.99999... (a count is rounded, never cut)."""
+    data = MNISTDataModule(str(shared_data_dir), val_fraction=0.125)
+    data.setup()
+    images, labels = data.val_set
+    answers = {image.numpy().tobytes(): int(label) if i < 7 else (int(label) + 1) % 10
+               for i, (image, label) in enumerate(zip(images, labels))}  # fmt: skip
+    real_preprocess, real_classify = MNISTLitModule.preprocess, MNISTLitModule.classify
+
+    def preprocess(self, pixels):
+        self.seen = pixels.reshape(-1, 28, 28)
+        return real_preprocess(self, pixels)
+
+    def classify(self, inputs):  # the validation images' answers as above; training goes on as ever
+        log_probs = real_classify(self, inputs)
+        chosen = [answers.get(image.numpy().tobytes()) for image in self.seen]
+        if None in chosen:
+            return log_probs
+        return (log_probs * 0 + 20 * torch.nn.functional.one_hot(torch.tensor(chosen), 10)).log_softmax(1)
+
+    monkeypatch.setattr(MNISTLitModule, "preprocess", preprocess)
+    monkeypatch.setattr(MNISTLitModule, "classify", classify)
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--val-fraction", "0.125", "--epochs", "1"]
+    assert run(*argv, "--quiet") == 0
+    run_dir = tmp_path / "initial" / "version_0"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["correct"], results["count"], results["acc"]) == (7, 40, pytest.approx(7 / 40))
+    assert epoch_lines(run_dir)[-1].endswith("val 7/40 (17.50%)")
