@@ -71,10 +71,13 @@ def test_last_ckpt_is_written_every_epoch_even_without_numbered_saves(shared_dat
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1  # 0-based: the 2nd epoch
 
 
-def test_checkpoint_loads_safely(initial_run):
+def test_checkpoint_loads_safely_with_the_runs_best_accuracy(initial_run):
+    """weights_only; the best validation accuracy so far comes back with it (a resumed run goes on from it)."""
     _, _, run_dir = initial_run
-    model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "002.ckpt", weights_only=True)
     assert model.hparams.milestones == [2, 3] and model.hparams.lr == 0.05
+    first_two = [acc for step, acc in sorted(read_scalars([run_dir])["acc/val"].items())][:2]
+    assert model.val_acc_best.compute().item() == pytest.approx(max(first_two))
 
 
 def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
@@ -272,3 +275,12 @@ def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, mo
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["correct"], results["count"], results["acc"]) == (7, 40, pytest.approx(7 / 40))
     assert epoch_lines(run_dir)[-1].endswith("val 7/40 (17.50%)")
+
+
+def test_ckpt_from_is_absolute_whatever_folder_the_run_was_started_in(initial_run, tmp_path, monkeypatch):
+    data_dir, _, initial_dir = initial_run
+    monkeypatch.chdir(initial_dir)
+    argv = ["--stage", "full", "--ckpt", "checkpoints/last.ckpt", "--full_epochs", "1", "--data-dir", data_dir]
+    assert run(*argv, "--save-dir", tmp_path, "--quiet") == 0
+    results = json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())
+    assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())

@@ -185,6 +185,27 @@ def test_every_seed_and_epoch_has_an_order_of_its_own():
     assert len(orders) == 4 * 4
 
 
+def test_processes_share_each_epoch_every_sample_once_in_the_same_number_of_steps():
+    """With DDP, each global batch is split between the ranks; the "images" here are their own indices."""
+    n = 101
+    for world_size, batch_size in ((2, 16), (3, 16), (4, 25)):  # 101 = 4 x 25 + 1: the 1 joins the last batch
+        for epoch in (0, 1):
+            loaders = [InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7, rank, world_size)
+                       for rank in range(world_size)]  # fmt: skip
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch)
+            batches = [list(loader) for loader in loaders]
+            assert [len(b) for b in batches] == [len(loader) for loader in loaders] == [len(loaders[0])] * world_size
+            seen = torch.cat([images for rank_batches in batches for images, _ in rank_batches])
+            assert sorted(seen.tolist()) == list(range(n)), (world_size, batch_size, epoch)
+            single = InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7)
+            single.sampler.set_epoch(epoch)
+            global_batches = [set(images.tolist()) for images, _ in single]
+            for step in range(len(loaders[0])):  # each step's parts are one global batch of the one-process order
+                part = set().union(*(set(batches[rank][step][0].tolist()) for rank in range(world_size)))
+                assert part == global_batches[step] or step == len(loaders[0]) - 1
+
+
 def test_normalize():
     images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
     x = normalize(images)

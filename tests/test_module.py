@@ -151,12 +151,12 @@ def test_checkpoints_of_the_previous_version_load_with_their_statistics(trained_
         torch.testing.assert_close(old(images), new(images))
 
 
-def test_label_smoothing_shapes_the_training_loss_only_evaluation_reports_plain_nll():
+def test_label_smoothing_and_augmentation_are_for_training_only_evaluation_reports_plain_nll():
     from mnist_lit.loss import nll_loss
 
     torch.manual_seed(0)
     images, labels = batch(48, seed=5)
-    model = MNISTLitModule(net="slim", label_smoothing=0.3).eval()
+    model = MNISTLitModule(net="slim", label_smoothing=0.3, augment=True).eval()
     with torch.no_grad():
         log_probs = model(images)
     plain, smoothed = F.nll_loss(log_probs, labels).item(), nll_loss(log_probs, labels, 0.3).item()
@@ -170,6 +170,7 @@ def test_label_smoothing_shapes_the_training_loss_only_evaluation_reports_plain_
     trainer.test(model, dataloaders=loader, verbose=False)
     assert trainer.callback_metrics["test/loss"].item() == pytest.approx(plain, rel=1e-5)
     model.train_loss.reset()
+    model.hparams.augment = False  # the training loss of these very images
     model.model_step((images, labels), "train")
     assert model.train_loss.compute().item() == pytest.approx(nll_loss(model(images), labels, 0.3).item(), rel=1e-5)
 
@@ -193,3 +194,12 @@ def test_augmentation_draws_anew_at_every_training_step(monkeypatch):
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(MNISTLitModule(net="linear", augment=True), DataLoader(TensorDataset(images, labels), batch_size=32))
     assert len(draws) == 2 * 3 and len({draw.numpy().tobytes() for draw in draws}) == len(draws)
+
+
+def test_the_optimizer_settings_reach_the_optimizer():
+    settings = {"lr": 0.03, "weight_decay": 1e-3}
+    for optimizer, own in (("sgd", {"momentum": 0.7, "nesterov": True}), ("adam", {})):
+        config = MNISTLitModule(optimizer=optimizer, **settings, **own).configure_optimizers()
+        (group,) = config["optimizer"].param_groups
+        assert type(config["optimizer"]).__name__.lower() == optimizer
+        assert {key: group[key] for key in [*settings, *own]} == {**settings, **own}

@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_lit.errors import UserError
@@ -90,3 +91,14 @@ def test_only_a_net_with_dropout_draws_random_numbers(name):
     assert not draws_random_numbers(build_net(name))
     assert draws_random_numbers(nn.Sequential(build_net(name), nn.Dropout(0.1)))
     assert draws_random_numbers(LeNet(dropout=0.3))
+
+
+def test_lenet_computes_the_original_forward():
+    """conv-pool-relu twice, fc-relu, fc, log_softmax: the original's forward written out with LeNet's weights."""
+    torch.manual_seed(0)
+    net, x = LeNet().eval(), torch.randn(6, 1, 28, 28)
+    h = F.relu(F.max_pool2d(F.conv2d(x, net.conv1.weight, net.conv1.bias), 2))
+    h = F.relu(F.max_pool2d(F.conv2d(h, net.conv2.weight, net.conv2.bias), 2))
+    h = F.relu(F.linear(h.flatten(1), net.fc1.weight, net.fc1.bias))
+    expected = F.log_softmax(F.linear(h, net.fc2.weight, net.fc2.bias), dim=1)
+    torch.testing.assert_close(net(x), expected)

@@ -134,3 +134,8 @@ def test_a_sweep_whose_database_is_lost_or_new_does_not_train_finished_points_ag
     for database in ([], ["--storage", f"sqlite:///{tmp_path / 'new.db'}"]):
         assert sweep.main([*argv, *database]) == 0
         assert len(started) == 1 and len(finished_runs(save_dir)) == 1, database
+
+
+def test_seeds_are_listed_and_ranges_include_both_ends():
+    for text, seeds in (("3", [3]), ("0-2", [0, 1, 2]), ("0-2,5,7-8", [0, 1, 2, 5, 7, 8]), ("4-4", [4])):
+        assert sweep.parse_seeds(text) == seeds, text
