@@ -126,3 +126,11 @@ def test_a_run_leaves_the_loggers_as_it_found_them(shared_data_dir, tmp_path):
     before = (ours.level, ours.propagate, lightning.level, list(ours.handlers))
     assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--quiet") == 0
     assert (ours.level, ours.propagate, lightning.level, list(ours.handlers)) == before
+
+
+def test_the_runs_seed_reaches_the_data_and_the_models_random_draws(shared_data_dir, tmp_path):
+    """--seed (seed_everything) decides the split and data order (data.seed) and augmentation and dropout draws
+    (model.seed); the checkpoint records both."""
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--seed", "3", "--epochs", "1", "--quiet") == 0
+    ckpt = torch.load(tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["seed"] == ckpt["datamodule_hyper_parameters"]["seed"] == 3

@@ -206,6 +206,15 @@ def test_processes_share_each_epoch_every_sample_once_in_the_same_number_of_step
                 assert part == global_batches[step] or step == len(loaders[0]) - 1
 
 
+def test_the_data_modules_seed_decides_its_training_order(shared_data_dir):
+    for seed in (0, 1):
+        data = MNISTDataModule(str(shared_data_dir), seed=seed)
+        data.setup()
+        labels = data.train_set[1]
+        expected = labels[EpochSampler(len(labels), shuffle=True, seed=seed).indices()]
+        assert torch.equal(torch.cat([y for _, y in data.train_dataloader()]), expected), seed
+
+
 def test_normalize():
     images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
     x = normalize(images)
