@@ -204,6 +204,8 @@ def test_processes_share_each_epoch_every_sample_once_in_the_same_number_of_step
             for step in range(len(loaders[0])):  # each step's parts are one global batch of the one-process order
                 part = set().union(*(set(batches[rank][step][0].tolist()) for rank in range(world_size)))
                 assert part == global_batches[step] or step == len(loaders[0]) - 1
+    with pytest.raises(UserError, match="a batch of 1 cannot be split between 2 processes"):
+        InMemoryLoader(torch.arange(n), torch.arange(n), 1, True, 7, 0, 2)  # one process's batches would be empty
 
 
 def test_the_data_modules_seed_decides_its_training_order(shared_data_dir):
