@@ -25,7 +25,7 @@ from helpers import (
 
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
-from mnist_lit.evaluate import read_scalars
+from mnist_lit.evaluate import read_scalars, run_chain
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.runs import resolve_ckpt, run_dirs
@@ -277,10 +277,14 @@ def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, mo
     assert epoch_lines(run_dir)[-1].endswith("val 7/40 (17.50%)")
 
 
-def test_ckpt_from_is_absolute_whatever_folder_the_run_was_started_in(initial_run, tmp_path, monkeypatch):
+def test_ckpt_from_is_absolute_from_any_folder_and_chains_the_stages_oldest_first(initial_run, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """results.json names the checkpoint a run went on from, absolute: evaluate.py's curves follow that chain."""
     data_dir, _, initial_dir = initial_run
     monkeypatch.chdir(initial_dir)
     argv = ["--stage", "full", "--ckpt", "checkpoints/last.ckpt", "--full_epochs", "1", "--data-dir", data_dir]
     assert run(*argv, "--save-dir", tmp_path, "--quiet") == 0
-    results = json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())
+    full_dir = tmp_path / "full" / "version_0"
+    results = json.loads((full_dir / "results.json").read_text())
     assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())
+    assert [path.resolve() for path in run_chain(full_dir)] == [initial_dir.resolve(), full_dir.resolve()]

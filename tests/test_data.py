@@ -92,7 +92,7 @@ def test_corrupt_gz_is_refused(tmp_path, contents):
     gz.write_bytes(contents)
     with pytest.raises(UserError, match="corrupt gzip"):
         ensure_raw_files(data_dir)
-    assert not (raw_dir(data_dir) / "train-labels-idx1-ubyte").exists()
+    assert not (raw_dir(data_dir) / "train-labels-idx1-ubyte").exists() and not list(raw_dir(data_dir).glob("*.part"))
 
 
 def test_missing_files_offline_name_them(tmp_path):

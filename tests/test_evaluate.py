@@ -38,7 +38,8 @@ def test_evaluate_end_to_end(trained_ckpt, shared_data_dir, capsys):
     assert sum(row["count"] for row in metrics["per_class"].values()) == 32
     printed = capsys.readouterr().out
     assert f"{'all':>12s} {32:6d} {metrics['correct']:7d}" in printed
-    assert "acc/eval_val" in read_scalars([run_dir])  # logged to the run's TensorBoard
+    step = torch.load(trained_ckpt, weights_only=True)["global_step"]
+    assert set(read_scalars([run_dir])["acc/eval_val"]) == {step}  # in the run's TensorBoard, at the ckpt's step
 
     assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir)]) == 0
     test_metrics = json.loads((run_dir / "evaluation" / "last-test" / "metrics.json").read_text())

@@ -49,6 +49,12 @@ def test_dark_digit_on_light_paper_is_inverted():
     assert torch.equal(digit, to_mnist(paper(80, 60, SEVEN, ink=255, background=0)))  # as if drawn white on black
 
 
+def test_grey_ink_on_grey_paper_is_stretched_to_mnists_black_and_white():
+    for ink, background in ((120, 200), (90, 60), (0, 255), (250, 5)):
+        digit = to_mnist(paper(80, 60, SEVEN, ink=ink, background=background))
+        assert digit.max() == 255 and digit[0].sum() == digit[:, 0].sum() == 0, (ink, background)
+
+
 def test_thin_stroke_keeps_its_aspect_ratio():
     height, width = ink_size(to_mnist(paper(300, 300, [(50, 250, 140, 160)])))  # 200 x 20
     assert height == 20 and width <= 3
