@@ -233,3 +233,14 @@ def test_an_export_off_by_more_than_the_tolerance_is_refused_and_within_it_kept(
             assert not out.exists() and not list(tmp_path.iterdir())
         else:
             assert out.is_file() and captured.err == ""
+
+
+def test_the_contract_names_the_checkpoint_absolutely_from_any_folder(trained_ckpt, shared_data_dir, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    monkeypatch.chdir(trained_ckpt.parent)
+    out = tmp_path / "model.pt"
+    code, printed = run_quietly(
+        "--ckpt", trained_ckpt.name, "--format", "torchscript", "--out", out, "--data-dir", shared_data_dir
+    )
+    assert code == 0, printed
+    assert json.loads(Path(f"{out}.json").read_text())["checkpoint"] == str(trained_ckpt.resolve())
