@@ -168,33 +168,32 @@ def test_checkpoints_of_the_previous_version_evaluate_alike_and_the_full_stage_g
     assert json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())["count"] == 120
 
 
-def test_val_split_of_a_k_fold_run_is_that_runs_own_fold(shared_data_dir, tmp_path):
-    """--split val of a run that validated on fold 2 of 4 (seed 2): exactly that fold's 80 images, as the run
-    itself counted them and as classifying those images by hand counts them."""
+def test_val_split_is_the_runs_own_fold_or_fraction(shared_data_dir, tmp_path):
+    """--split val of a run that validated on fold 2 of 4 (seed 2), or on a 25 % split (seed 1): exactly those
+    images, as the run itself counted them and as classifying those images by hand counts them."""
     from mnist_lit.data import split_indices
     from mnist_lit.idx import load_split, raw_dir
     from mnist_lit.inference import load_trained
     from mnist_lit.train import main as train_main
 
-    fold = {"folds": 4, "fold": 2, "seed": 2}
-    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--lr", "0.05", "--quiet"]
-    argv += ["--data.folds", fold["folds"], "--data.fold", fold["fold"], "--seed", fold["seed"]]
-    assert train_main([str(a) for a in argv]) == 0
-    run_dir = tmp_path / "initial" / "version_0"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    assert (
-        main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(tmp_path / "ev")])
-        == 0
-    )
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    results = json.loads((run_dir / "results.json").read_text())
     images, labels = load_split(raw_dir(shared_data_dir), "train")
-    val = split_indices(len(labels), 0.1, fold["seed"], fold["folds"], fold["fold"])[1]
-    with torch.no_grad():
-        predicted = load_trained(ckpt).module(images[val]).argmax(1)
-    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels[val], predicted), torch.tensor(1), True)
-    assert metrics["confusion_matrix"] == confusion.tolist()
-    correct = int((predicted == labels[val]).sum())
-    assert (metrics["correct"], metrics["count"]) == (results["correct"], results["count"]) == (correct, 80)
-    # results.json: the run's own final evaluation of those images, as evaluate.py recomputes it
-    assert results["acc"] == pytest.approx(metrics["acc"]) and results["loss"] == pytest.approx(metrics["loss"])
+    common = ["--data-dir", shared_data_dir, "--epochs", "1", "--lr", "0.05", "--quiet"]
+    for split in ({"folds": 4, "fold": 2, "seed": 2}, {"val_fraction": 0.25, "seed": 1}):
+        save_dir = tmp_path / "-".join(map(str, split.values()))
+        settings = [part for key, value in split.items() for part in (f"--data.{key}", value) if key != "seed"]
+        assert train_main([str(a) for a in [*common, *settings, "--seed", split["seed"], "--save-dir", save_dir]]) == 0
+        run_dir = save_dir / "initial" / "version_0"
+        ckpt, out = run_dir / "checkpoints" / "last.ckpt", save_dir / "ev"
+        assert main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+        val = split_indices(len(labels), split.get("val_fraction", 0.1), split["seed"], split.get("folds"),
+                            split.get("fold", 0))[1]  # fmt: skip
+        with torch.no_grad():
+            predicted = load_trained(ckpt).module(images[val]).argmax(1)
+        confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels[val], predicted), torch.tensor(1), True)
+        assert metrics["confusion_matrix"] == confusion.tolist(), split
+        correct = int((predicted == labels[val]).sum())
+        assert (metrics["correct"], metrics["count"]) == (results["correct"], results["count"]) == (correct, 80)
+        # results.json: the run's own final evaluation of those images, as evaluate.py recomputes it
+        assert results["acc"] == pytest.approx(metrics["acc"]) and results["loss"] == pytest.approx(metrics["loss"])
