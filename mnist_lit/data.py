@@ -109,6 +109,11 @@ class InMemoryLoader:
     batch_sampler = None  # Lightning reads `sampler` and `batch_sampler` as on a torch DataLoader
 
     def __init__(self, images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size=1):
+        if batch_size < world_size:  # some process would get empty batches (a NaN loss), every step
+            raise UserError(
+                f"a batch of {batch_size} cannot be split between {world_size} processes: data.batch_size and "
+                "data.eval_batch_size must be at least the number of processes"
+            )
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(labels), shuffle, seed, labels.device)

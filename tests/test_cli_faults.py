@@ -68,25 +68,31 @@ def test_killed_run_resumes_to_identical_weights(moment, reference, shared_data_
     assert (killed_dir / "checkpoints" / "last.ckpt").is_file()  # the killed run's files are kept
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+def test_a_nan_or_infinite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     shared_data_dir, tmp_path, monkeypatch, capsys
 ):
-    real_loss, calls = module.nll_loss, []
+    real_loss = module.nll_loss
+    # From global step 12 (epoch 3, 3rd batch): a NaN loss, or an infinite one whose gradients stay finite (the
+    # weights stay finite, the epoch's mean loss is inf, not NaN).
+    for name, broken in (("nan", lambda loss: loss * float("nan")), ("inf", lambda loss: loss + float("inf"))):
+        calls = []
 
-    def loss_that_breaks(log_probs, targets, label_smoothing=0.0):
-        if torch.is_grad_enabled():  # training steps only
-            calls.append(1)
-        loss = real_loss(log_probs, targets, label_smoothing)
-        return loss * float("nan") if len(calls) > 12 else loss  # from global step 12: epoch 3, 3rd batch
+        def loss_that_breaks(log_probs, targets, label_smoothing=0.0, calls=calls, broken=broken):
+            if torch.is_grad_enabled():  # training steps only
+                calls.append(1)
+            loss = real_loss(log_probs, targets, label_smoothing)
+            return broken(loss) if len(calls) > 12 else loss
 
-    monkeypatch.setattr(module, "nll_loss", loss_that_breaks)
-    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the loss is not finite in epoch 3; stopped before saving" in err, err
-    run_dir = tmp_path / "initial" / "version_0"
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 1  # epoch 2's checkpoint, not overwritten by the broken epoch 3
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+        monkeypatch.setattr(module, "nll_loss", loss_that_breaks)
+        save_dir = tmp_path / name
+        assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(save_dir), *ARGS]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the loss is not finite in epoch 3; stopped before saving" in err, err
+        run_dir = save_dir / "initial" / "version_0"
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["epoch"] == 1  # epoch 2's checkpoint, not overwritten by the broken epoch 3
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+        assert not (run_dir / "results.json").exists(), name
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import epoch_lines, run, same_tensors
+from helpers import epoch_lines, resolved_config, run, same_tensors
 
 from mnist_lit.errors import UserError
 from mnist_lit.evaluate import read_scalars
@@ -26,6 +26,25 @@ def test_original_and_short_spellings_are_the_full_names():
         expand_short_flags(["--train-full", "1", "--stage", "initial"])
     with pytest.raises(UserError, match=f"unknown --recipe 'slow': choose one of {', '.join(recipe_names())} "):
         expand_short_flags(["--recipe", "slow"])
+
+
+def test_every_short_flag_sets_its_full_setting(capsys):
+    """The short flags (README), written out here: each expands to its full name, which sets that setting."""
+    spellings = {  # short flag: (full name, a value)
+        "--dataset": ("--data.dataset", "kmnist"), "--batch-size": ("--data.batch_size", 32),
+        "--eval-batch-size": ("--data.eval_batch_size", 100), "--val-fraction": ("--data.val_fraction", 0.2),
+        "--net": ("--model.net", "slim"), "--lr": ("--model.lr", 0.02), "--momentum": ("--model.momentum", 0.7),
+        "--epochs": ("--trainer.max_epochs", 7), "--precision": ("--trainer.precision", "bf16-mixed"),
+        "--accelerator": ("--trainer.accelerator", "cpu"), "--devices": ("--trainer.devices", "1"),
+        "--strategy": ("--trainer.strategy", "ddp"), "--num-nodes": ("--trainer.num_nodes", 2),
+        "--seed": ("--seed_everything", 3), "--save-freq": ("--save_freq", 4),
+    }  # fmt: skip
+    short = [str(part) for flag, (_, value) in spellings.items() for part in (flag, value)]
+    assert expand_short_flags(short) == [str(part) for full, value in spellings.values() for part in (full, value)]
+    config = resolved_config(capsys, *short)
+    for full, value in spellings.values():
+        section, _, key = full[2:].rpartition(".")
+        assert (config[section] if section else config)[key] == value, full
 
 
 @pytest.mark.parametrize("quiet", [True, False])
@@ -126,3 +145,11 @@ def test_a_run_leaves_the_loggers_as_it_found_them(shared_data_dir, tmp_path):
     before = (ours.level, ours.propagate, lightning.level, list(ours.handlers))
     assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", "1", "--quiet") == 0
     assert (ours.level, ours.propagate, lightning.level, list(ours.handlers)) == before
+
+
+def test_the_runs_seed_reaches_the_data_and_the_models_random_draws(shared_data_dir, tmp_path):
+    """--seed (seed_everything) decides the split and data order (data.seed) and augmentation and dropout draws
+    (model.seed); the checkpoint records both."""
+    assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--seed", "3", "--epochs", "1", "--quiet") == 0
+    ckpt = torch.load(tmp_path / "initial" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["seed"] == ckpt["datamodule_hyper_parameters"]["seed"] == 3

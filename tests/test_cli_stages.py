@@ -25,7 +25,7 @@ from helpers import (
 
 from mnist_lit.data import MNISTDataModule, normalize
 from mnist_lit.errors import UserError
-from mnist_lit.evaluate import read_scalars
+from mnist_lit.evaluate import read_scalars, run_chain
 from mnist_lit.loss import nll_loss
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.runs import resolve_ckpt, run_dirs
@@ -71,10 +71,13 @@ def test_last_ckpt_is_written_every_epoch_even_without_numbered_saves(shared_dat
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1  # 0-based: the 2nd epoch
 
 
-def test_checkpoint_loads_safely(initial_run):
+def test_checkpoint_loads_safely_with_the_runs_best_accuracy(initial_run):
+    """weights_only; the best validation accuracy so far comes back with it (a resumed run goes on from it)."""
     _, _, run_dir = initial_run
-    model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    model = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "002.ckpt", weights_only=True)
     assert model.hparams.milestones == [2, 3] and model.hparams.lr == 0.05
+    first_two = [acc for step, acc in sorted(read_scalars([run_dir])["acc/val"].items())][:2]
+    assert model.val_acc_best.compute().item() == pytest.approx(max(first_two))
 
 
 def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
@@ -244,3 +247,65 @@ def test_a_logger_from_the_command_line_numbers_its_versions_as_the_run_folders(
     assert run(*argv, "--trainer.logger+=CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}") == 0
     assert (tmp_path / "runs" / "initial" / "version_1").is_dir()
     assert [p.name for p in (tmp_path / "csv" / "lightning_logs").iterdir()] == ["version_1"]
+
+
+def test_every_checkpoint_a_run_reads_is_read_weights_only(initial_run, tmp_path, monkeypatch):
+    """A resume and a full stage read the checkpoint twice (its settings, then Lightning's restore of ckpt_path):
+    both with weights_only=True, so a checkpoint from elsewhere cannot run code."""
+    data_dir, _, initial_dir = initial_run
+    real_load, reads = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        reads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    last = initial_dir / "checkpoints" / "last.ckpt"
+    for argv in (["--ckpt", last, "--epochs", "5"], ["--stage", "full", "--ckpt", last, "--full_epochs", "1"]):
+        reads.clear()
+        assert run(*argv, "--data-dir", data_dir, "--save-dir", tmp_path, "--quiet") == 0
+        assert len(reads) >= 2 and all(weights_only is True for weights_only in reads), (argv, reads)
+
+
+def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, monkeypatch):
+    """A model right on exactly 7 of its 40 validation images: results.json and the epoch line say 7/40, though
+    the float32 accuracy times 40 is 6.99999... (a count is rounded, never cut)."""
+    data = MNISTDataModule(str(shared_data_dir), val_fraction=0.125)
+    data.setup()
+    images, labels = data.val_set
+    answers = {image.numpy().tobytes(): int(label) if i < 7 else (int(label) + 1) % 10
+               for i, (image, label) in enumerate(zip(images, labels))}  # fmt: skip
+    real_preprocess, real_classify = MNISTLitModule.preprocess, MNISTLitModule.classify
+
+    def preprocess(self, pixels):
+        self.seen = pixels.reshape(-1, 28, 28)
+        return real_preprocess(self, pixels)
+
+    def classify(self, inputs):  # the validation images' answers as above; training goes on as ever
+        log_probs = real_classify(self, inputs)
+        chosen = [answers.get(image.numpy().tobytes()) for image in self.seen]
+        if None in chosen:
+            return log_probs
+        return (log_probs * 0 + 20 * torch.nn.functional.one_hot(torch.tensor(chosen), 10)).log_softmax(1)
+
+    monkeypatch.setattr(MNISTLitModule, "preprocess", preprocess)
+    monkeypatch.setattr(MNISTLitModule, "classify", classify)
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--val-fraction", "0.125", "--epochs", "1"]
+    assert run(*argv, "--quiet") == 0
+    run_dir = tmp_path / "initial" / "version_0"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["correct"], results["count"], results["acc"]) == (7, 40, pytest.approx(7 / 40))
+    assert epoch_lines(run_dir)[-1].endswith("val 7/40 (17.50%)")
+
+
+def test_ckpt_from_is_absolute_from_any_folder_and_chains_the_stages_oldest_first(initial_run, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """results.json names the checkpoint a run went on from, absolute: evaluate.py's curves follow that chain."""
+    data_dir, _, initial_dir = initial_run
+    monkeypatch.chdir(initial_dir)
+    argv = ["--stage", "full", "--ckpt", "checkpoints/last.ckpt", "--full_epochs", "1", "--data-dir", data_dir]
+    assert run(*argv, "--save-dir", tmp_path, "--quiet") == 0
+    full_dir = tmp_path / "full" / "version_0"
+    results = json.loads((full_dir / "results.json").read_text())
+    assert results["ckpt_from"] == str((initial_dir / "checkpoints" / "last.ckpt").resolve())
+    assert [path.resolve() for path in run_chain(full_dir)] == [initial_dir.resolve(), full_dir.resolve()]

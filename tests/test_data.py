@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import REAL_DATA, digits, idx_bytes, write_mnist
 
-from mnist_lit.data import InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
+from mnist_lit.data import EpochSampler, InMemoryLoader, MNISTDataModule, normalize, pixel_stats, split_indices
 from mnist_lit.errors import UserError
 from mnist_lit.idx import DATASETS, MEAN, STD, ensure_raw_files, load_split, raw_dir, read_idx
 from mnist_lit.train import main
@@ -92,7 +92,7 @@ def test_corrupt_gz_is_refused(tmp_path, contents):
     gz.write_bytes(contents)
     with pytest.raises(UserError, match="corrupt gzip"):
         ensure_raw_files(data_dir)
-    assert not (raw_dir(data_dir) / "train-labels-idx1-ubyte").exists()
+    assert not (raw_dir(data_dir) / "train-labels-idx1-ubyte").exists() and not list(raw_dir(data_dir).glob("*.part"))
 
 
 def test_missing_files_offline_name_them(tmp_path):
@@ -173,6 +173,50 @@ def test_loader_keeps_last_batch_and_shuffles_per_epoch():
     assert torch.equal(torch.cat([y for _, y in plain]), labels.long())
 
 
+def test_every_seed_and_epoch_has_an_order_of_its_own():
+    """The shuffle of epoch e of a run with seed s depends on both: no two (seed, epoch) pairs share an order (nor
+    the draws of any other (seed, counter) generator: augmentation, dropout)."""
+    orders = set()
+    for seed in range(4):
+        for epoch in range(4):
+            sampler = EpochSampler(50, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            orders.add(tuple(sampler.indices().tolist()))
+    assert len(orders) == 4 * 4
+
+
+def test_processes_share_each_epoch_every_sample_once_in_the_same_number_of_steps():
+    """With DDP, each global batch is split between the ranks; the "images" here are their own indices."""
+    n = 101
+    for world_size, batch_size in ((2, 16), (3, 16), (4, 25)):  # 101 = 4 x 25 + 1: the 1 joins the last batch
+        for epoch in (0, 1):
+            loaders = [InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7, rank, world_size)
+                       for rank in range(world_size)]  # fmt: skip
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch)
+            batches = [list(loader) for loader in loaders]
+            assert [len(b) for b in batches] == [len(loader) for loader in loaders] == [len(loaders[0])] * world_size
+            seen = torch.cat([images for rank_batches in batches for images, _ in rank_batches])
+            assert sorted(seen.tolist()) == list(range(n)), (world_size, batch_size, epoch)
+            single = InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7)
+            single.sampler.set_epoch(epoch)
+            global_batches = [set(images.tolist()) for images, _ in single]
+            for step in range(len(loaders[0])):  # each step's parts are one global batch of the one-process order
+                part = set().union(*(set(batches[rank][step][0].tolist()) for rank in range(world_size)))
+                assert part == global_batches[step] or step == len(loaders[0]) - 1
+    with pytest.raises(UserError, match="a batch of 1 cannot be split between 2 processes"):
+        InMemoryLoader(torch.arange(n), torch.arange(n), 1, True, 7, 0, 2)  # one process's batches would be empty
+
+
+def test_the_data_modules_seed_decides_its_training_order(shared_data_dir):
+    for seed in (0, 1):
+        data = MNISTDataModule(str(shared_data_dir), seed=seed)
+        data.setup()
+        labels = data.train_set[1]
+        expected = labels[EpochSampler(len(labels), shuffle=True, seed=seed).indices()]
+        assert torch.equal(torch.cat([y for _, y in data.train_dataloader()]), expected), seed
+
+
 def test_normalize():
     images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
     x = normalize(images)
@@ -222,3 +266,16 @@ def test_a_fold_from_the_command_line(shared_data_dir, tmp_path, capsys):
     )
     assert main([*common, "--data.folds", "4", "--data.fold", "1"]) == 0
     assert json.loads((tmp_path / "initial" / "version_0" / "results.json").read_text())["count"] == 80
+
+
+@pytest.mark.parametrize("split", [{}, {"val_fraction": 0.25, "seed": 3}, {"folds": 4, "fold": 2}])
+def test_datamodule_validates_on_the_splits_images_and_never_on_a_training_image(shared_data_dir, split):
+    images, labels = load_split(raw_dir(shared_data_dir), "train")
+    data = MNISTDataModule(str(shared_data_dir), **split)
+    data.setup()
+    hp = data.hparams
+    train_idx, val_idx = split_indices(len(labels), hp.val_fraction, hp.seed, hp.folds, hp.fold)
+    for (got_images, got_labels), idx in ((data.train_set, train_idx), (data.val_set, val_idx)):
+        assert torch.equal(got_images, images[idx]) and torch.equal(got_labels, labels[idx])
+    trained_on = {image.numpy().tobytes() for image in data.train_set[0]}
+    assert not [image for image in data.val_set[0] if image.numpy().tobytes() in trained_on]

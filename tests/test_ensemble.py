@@ -41,8 +41,10 @@ def error_line(capsys) -> str:
     return err
 
 
-def test_ensemble_counts_what_averaging_the_softmax_by_hand_counts(trained_ckpt, other_ckpt, shared_data_dir, tmp_path,
-                                                                   capsys):  # fmt: skip
+def test_ensemble_is_the_mean_of_the_members_probabilities(trained_ckpt, other_ckpt, shared_data_dir, tmp_path,
+                                                           capsys):  # fmt: skip
+    """evaluate.py's ensemble: its loss and confusion matrix are those of the mean of the members' softmax, on
+    images where the mean of their log-probabilities (a geometric mean) gives another loss."""
     out = tmp_path / "ensemble"
     argv = ["--ckpt", trained_ckpt, other_ckpt, "--data-dir", shared_data_dir, "--out", out]
     assert evaluate.main([str(a) for a in argv]) == 0
@@ -51,7 +53,14 @@ def test_ensemble_counts_what_averaging_the_softmax_by_hand_counts(trained_ckpt,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["correct"] == int((by_hand.argmax(1) == labels).sum())
     assert (metrics["count"], metrics["acc"]) == (120, metrics["correct"] / 120)
-    assert sum(map(sum, metrics["confusion_matrix"])) == 120
+    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels, by_hand.argmax(1)), torch.tensor(1), True)
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    loss = torch.nn.functional.nll_loss(by_hand.log(), labels).item()
+    log_probs = [load_trained(ckpt).module(images).detach() for ckpt in (trained_ckpt, other_ckpt)]
+    geometric = torch.stack(log_probs).mean(0)
+    for averaged_logs in (geometric, geometric.log_softmax(1)):  # what averaging log-probabilities would report
+        assert abs(torch.nn.functional.nll_loss(averaged_logs, labels).item() - loss) > 10 * 1e-5
+    assert metrics["loss"] == pytest.approx(loss, abs=1e-5)  # float32 sums: ~1e-8 apart
     for member, ckpt in zip(metrics["members"], [trained_ckpt, other_ckpt], strict=True):
         correct = int((probabilities_by_hand([ckpt], images).argmax(1) == labels).sum())
         assert member == {"ckpt": str(ckpt), "acc": correct / 120, "correct": correct}

@@ -38,7 +38,8 @@ def test_evaluate_end_to_end(trained_ckpt, shared_data_dir, capsys):
     assert sum(row["count"] for row in metrics["per_class"].values()) == 32
     printed = capsys.readouterr().out
     assert f"{'all':>12s} {32:6d} {metrics['correct']:7d}" in printed
-    assert "acc/eval_val" in read_scalars([run_dir])  # logged to the run's TensorBoard
+    step = torch.load(trained_ckpt, weights_only=True)["global_step"]
+    assert set(read_scalars([run_dir])["acc/eval_val"]) == {step}  # in the run's TensorBoard, at the ckpt's step
 
     assert main(["--ckpt", str(trained_ckpt), "--data-dir", str(shared_data_dir)]) == 0
     test_metrics = json.loads((run_dir / "evaluation" / "last-test" / "metrics.json").read_text())
@@ -165,3 +166,34 @@ def test_checkpoints_of_the_previous_version_evaluate_alike_and_the_full_stage_g
     argv = ["--stage", "full", "--ckpt", str(old), "--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path)]
     assert train_main([*argv, "--epochs", "4", "--quiet"]) == 0
     assert json.loads((tmp_path / "full" / "version_0" / "results.json").read_text())["count"] == 120
+
+
+def test_val_split_is_the_runs_own_fold_or_fraction(shared_data_dir, tmp_path):
+    """--split val of a run that validated on fold 2 of 4 (seed 2), or on a 25 % split (seed 1): exactly those
+    images, as the run itself counted them and as classifying those images by hand counts them."""
+    from mnist_lit.data import split_indices
+    from mnist_lit.idx import load_split, raw_dir
+    from mnist_lit.inference import load_trained
+    from mnist_lit.train import main as train_main
+
+    images, labels = load_split(raw_dir(shared_data_dir), "train")
+    common = ["--data-dir", shared_data_dir, "--epochs", "1", "--lr", "0.05", "--quiet"]
+    for split in ({"folds": 4, "fold": 2, "seed": 2}, {"val_fraction": 0.25, "seed": 1}):
+        save_dir = tmp_path / "-".join(map(str, split.values()))
+        settings = [part for key, value in split.items() for part in (f"--data.{key}", value) if key != "seed"]
+        assert train_main([str(a) for a in [*common, *settings, "--seed", split["seed"], "--save-dir", save_dir]]) == 0
+        run_dir = save_dir / "initial" / "version_0"
+        ckpt, out = run_dir / "checkpoints" / "last.ckpt", save_dir / "ev"
+        assert main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+        val = split_indices(len(labels), split.get("val_fraction", 0.1), split["seed"], split.get("folds"),
+                            split.get("fold", 0))[1]  # fmt: skip
+        with torch.no_grad():
+            predicted = load_trained(ckpt).module(images[val]).argmax(1)
+        confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels[val], predicted), torch.tensor(1), True)
+        assert metrics["confusion_matrix"] == confusion.tolist(), split
+        correct = int((predicted == labels[val]).sum())
+        assert (metrics["correct"], metrics["count"]) == (results["correct"], results["count"]) == (correct, 80)
+        # results.json: the run's own final evaluation of those images, as evaluate.py recomputes it
+        assert results["acc"] == pytest.approx(metrics["acc"]) and results["loss"] == pytest.approx(metrics["loss"])

@@ -138,16 +138,6 @@ def test_out_that_is_a_folder_is_refused(trained_ckpt, shared_data_dir, tmp_path
     assert error_lines(capsys) == [f"error: --out {tmp_path / 'afolder'} is a folder: name the file to write"]
 
 
-def test_export_that_does_not_match_is_deleted(trained_ckpt, shared_data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(mnist_lit.export, "MAX_ABS_DIFF", -1.0)  # no export can pass
-    out = tmp_path / "model.pt"
-    assert run("--ckpt", trained_ckpt, "--format", "torchscript", "--out", out, "--data-dir", shared_data_dir) == 2
-    (line,) = error_lines(capsys)
-    assert line.startswith("error: the torchscript export does not match the checkpoint")
-    assert f"it was deleted, {out} not written" in line
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_bad_format_is_one_error_line(trained_ckpt, tmp_path):
     result = subprocess.run(
         [
@@ -191,3 +181,66 @@ def test_checkpoint_of_the_previous_version_exports(trained_ckpt, shared_data_di
     assert CHECKED.search(printed).group(2) == "0"
     normalisation = json.loads(Path(f"{out}.json").read_text())["input"]["normalisation"]
     assert [normalisation["mean"], normalisation["std"]] == old["state_dict"]["pixel_stats"].tolist()
+
+
+def perturbing(save, export_format: str, delta: float):
+    """export's save function for a format, followed by an edit of the written file: ``delta`` added to one
+    class's bias in the last layer (a bias shift of all classes would cancel in the log-softmax)."""
+
+    def save_then_perturb(model, path, contract_text):
+        save(model, path, contract_text)
+        if export_format == "onnx":
+            graph = onnx.load(str(path))
+            (bias,) = [t for t in graph.graph.initializer if t.name.endswith("fc2.bias")]
+            values = onnx.numpy_helper.to_array(bias).copy()
+            values[3] += delta
+            bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+            onnx.save(graph, str(path))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                module = torch.jit.load(str(path))
+                with torch.no_grad():
+                    dict(module.named_parameters())["nets.0.fc2.bias"][3] += delta
+                module.save(str(path), _extra_files={CONTRACT_KEY: contract_text})
+
+    return save_then_perturb
+
+
+@pytest.mark.parametrize("export_format", list(mnist_lit.export.FORMATS))
+def test_an_export_off_by_more_than_the_tolerance_is_refused_and_within_it_kept(
+    export_format, trained_ckpt, shared_data_dir, tmp_path, capsys, monkeypatch
+):
+    """The exported file itself is edited: its outputs move by 1/2 to 1 times the bias change, so 4x the
+    tolerance is refused (with every prediction still the same: the tolerance alone refuses it) and 1/4 is kept."""
+    save, load = mnist_lit.export.FORMATS[export_format]
+    tolerance = 1e-4  # what README and docs/using.md promise; not read from the code under test
+    for factor, code in ((4, 2), (0.25, 0)):
+        monkeypatch.setitem(
+            mnist_lit.export.FORMATS, export_format, (perturbing(save, export_format, factor * tolerance), load)
+        )
+        out = tmp_path / f"{factor}.{export_format}"
+        argv = ["--ckpt", trained_ckpt, "--format", export_format, "--out", out, "--data-dir", shared_data_dir]
+        assert run(*argv) == code, factor
+        captured = capsys.readouterr()
+        images, differing, max_abs_diff = CHECKED.search(captured.out).groups()
+        assert (images, differing) == ("120", "0"), factor
+        assert factor * tolerance / 2 <= float(max_abs_diff) <= factor * tolerance + tolerance / 10, factor
+        if code:
+            (line,) = captured.err.splitlines()
+            assert line.startswith(f"error: the {export_format} export does not match the checkpoint")
+            assert line.endswith(f"it was deleted, {out} not written")
+            assert not out.exists() and not list(tmp_path.iterdir())
+        else:
+            assert out.is_file() and captured.err == ""
+
+
+def test_the_contract_names_the_checkpoint_absolutely_from_any_folder(trained_ckpt, shared_data_dir, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    monkeypatch.chdir(trained_ckpt.parent)
+    out = tmp_path / "model.pt"
+    code, printed = run_quietly(
+        "--ckpt", trained_ckpt.name, "--format", "torchscript", "--out", out, "--data-dir", shared_data_dir
+    )
+    assert code == 0, printed
+    assert json.loads(Path(f"{out}.json").read_text())["checkpoint"] == str(trained_ckpt.resolve())

@@ -33,3 +33,17 @@ def test_workers_on_one_study_never_take_the_same_waiting_trial(new_database):
     taken = [int(n) for worker in workers for n in worker.communicate(timeout=120)[0].split()]
     assert sorted(taken) == list(range(40)), collections.Counter(taken).most_common(3)  # each trial once
     assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.RUNNING}
+
+
+def test_a_study_name_changes_with_every_part_of_the_command():
+    """Different sweeps or searches never share a study (a --then-full sweep would find the plain one's points
+    done); the same command finds its own again."""
+    from mnist_lit.experiments.launch import study_name
+
+    base = (["--recipe", "seed"], {"seed_everything": [0, 1]}, False, None)
+    variants = [base]
+    for i, other in enumerate((["--recipe", "fast"], {"seed_everything": [0, 2]}, True, 5)):
+        variants.append((*base[:i], other, *base[i + 1 :]))
+    names = [study_name("sweep", *what) for what in variants]
+    assert len(set(names)) == len(variants) and study_name("sweep", *base) == names[0]
+    assert study_name("tune", *base) != names[0]

@@ -6,6 +6,7 @@ from unittest.mock import patch
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from helpers import digits, loss_before_and_after_one_step, previous_version_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -148,3 +149,57 @@ def test_checkpoints_of_the_previous_version_load_with_their_statistics(trained_
     images, _ = digits(40, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(old(images), new(images))
+
+
+def test_label_smoothing_and_augmentation_are_for_training_only_evaluation_reports_plain_nll():
+    from mnist_lit.loss import nll_loss
+
+    torch.manual_seed(0)
+    images, labels = batch(48, seed=5)
+    model = MNISTLitModule(net="slim", label_smoothing=0.3, augment=True).eval()
+    with torch.no_grad():
+        log_probs = model(images)
+    plain, smoothed = F.nll_loss(log_probs, labels).item(), nll_loss(log_probs, labels, 0.3).item()
+    assert abs(plain - smoothed) > 0.01  # the two differ here, so the check below can tell them apart
+    loader = DataLoader(TensorDataset(images, labels), batch_size=20)  # a partial last batch too
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for split in ("val", "test"):
+        model.hparams.eval_split = split  # the per-epoch evaluation: val (initial stage) or test (full stage)
+        trainer.validate(model, dataloaders=loader, verbose=False)
+        assert trainer.callback_metrics[f"{split}/loss"].item() == pytest.approx(plain, rel=1e-5)
+    trainer.test(model, dataloaders=loader, verbose=False)
+    assert trainer.callback_metrics["test/loss"].item() == pytest.approx(plain, rel=1e-5)
+    model.train_loss.reset()
+    model.hparams.augment = False  # the training loss of these very images
+    model.model_step((images, labels), "train")
+    assert model.train_loss.compute().item() == pytest.approx(nll_loss(model(images), labels, 0.3).item(), rel=1e-5)
+
+
+def test_augmentation_draws_anew_at_every_training_step(monkeypatch):
+    """Seeded by (seed, step) so that a resume draws the same, yet no two steps (of one epoch or of two) draw alike:
+    the generator each step hands the augmentation is probed for its next numbers."""
+    import mnist_lit.module
+
+    real_affine, draws = mnist_lit.module.random_affine, []
+
+    def recording_affine(inputs, generator, **kwargs):
+        probe = torch.Generator(device=generator.device)
+        probe.set_state(generator.get_state())
+        draws.append(torch.rand(8, generator=probe))
+        return real_affine(inputs, generator, **kwargs)
+
+    monkeypatch.setattr(mnist_lit.module, "random_affine", recording_affine)
+    images, labels = batch(96, seed=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(MNISTLitModule(net="linear", augment=True), DataLoader(TensorDataset(images, labels), batch_size=32))
+    assert len(draws) == 2 * 3 and len({draw.numpy().tobytes() for draw in draws}) == len(draws)
+
+
+def test_the_optimizer_settings_reach_the_optimizer():
+    settings = {"lr": 0.03, "weight_decay": 1e-3}
+    for optimizer, own in (("sgd", {"momentum": 0.7, "nesterov": True}), ("adam", {})):
+        config = MNISTLitModule(optimizer=optimizer, **settings, **own).configure_optimizers()
+        (group,) = config["optimizer"].param_groups
+        assert type(config["optimizer"]).__name__.lower() == optimizer
+        assert {key: group[key] for key in [*settings, *own]} == {**settings, **own}

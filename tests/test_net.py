@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_lit.errors import UserError
@@ -98,3 +99,14 @@ def test_residual_net_size_and_width():
     assert net.features(torch.randn(2, 1, 28, 28)).shape == (2, 128)  # 4 x width channels, pooled to 1 x 1
     narrow = build_net("residual", options={"width": 8})
     assert narrow.features(torch.randn(2, 1, 28, 28)).shape == (2, 32) and narrow.classifier.in_features == 32
+
+
+def test_lenet_computes_the_original_forward():
+    """conv-pool-relu twice, fc-relu, fc, log_softmax: the original's forward written out with LeNet's weights."""
+    torch.manual_seed(0)
+    net, x = LeNet().eval(), torch.randn(6, 1, 28, 28)
+    h = F.relu(F.max_pool2d(F.conv2d(x, net.conv1.weight, net.conv1.bias), 2))
+    h = F.relu(F.max_pool2d(F.conv2d(h, net.conv2.weight, net.conv2.bias), 2))
+    h = F.relu(F.linear(h.flatten(1), net.fc1.weight, net.fc1.bias))
+    expected = F.log_softmax(F.linear(h, net.fc2.weight, net.fc2.bias), dim=1)
+    torch.testing.assert_close(net(x), expected)

@@ -74,3 +74,22 @@ def test_the_full_stage_may_change_options_that_keep_the_weights(shared_data_dir
     assert run(*argv) == (2 if error else 0)
     err = capsys.readouterr().err
     assert (error in err and err.count("\n") == 1) if error else err == ""
+
+
+def test_dropout_draws_a_new_mask_at_every_training_step(shared_data_dir, tmp_path, monkeypatch):
+    """Seeded per step (a resume draws the same), yet never the same mask twice: the masks of the full batches of
+    two epochs (4 steps of 64 each) are all different. Recorded by drawing each mask on ones, as dropout does."""
+    real_dropout, masks = torch.nn.functional.dropout, []
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        mask = real_dropout(torch.ones_like(x), p, training)
+        if training and len(x) == 64:
+            masks.append(mask != 0)
+        return x * mask
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    argv = ["--data-dir", shared_data_dir, "--save-dir", tmp_path, "--model.net_options", "{dropout: 0.5}"]
+    assert run(*argv, "--epochs", "2", "--quiet") == 0
+    assert len(masks) == 2 * 4
+    assert all(0.3 < mask.float().mean() < 0.7 for mask in masks)
+    assert len({mask.numpy().tobytes() for mask in masks}) == len(masks)

@@ -49,17 +49,34 @@ def test_dark_digit_on_light_paper_is_inverted():
     assert torch.equal(digit, to_mnist(paper(80, 60, SEVEN, ink=255, background=0)))  # as if drawn white on black
 
 
+def test_grey_ink_on_grey_paper_is_stretched_to_mnists_black_and_white():
+    for ink, background in ((120, 200), (90, 60), (0, 255), (250, 5)):
+        digit = to_mnist(paper(80, 60, SEVEN, ink=ink, background=background))
+        assert digit.max() == 255 and digit[0].sum() == digit[:, 0].sum() == 0, (ink, background)
+
+
 def test_thin_stroke_keeps_its_aspect_ratio():
     height, width = ink_size(to_mnist(paper(300, 300, [(50, 250, 140, 160)])))  # 200 x 20
     assert height == 20 and width <= 3
 
 
-def test_off_centre_blob_is_centred_by_mass():
-    # An L in the top-left corner: its centre of mass is neither the image's centre nor its bounding box's.
-    digit = to_mnist(paper(100, 100, [(5, 35, 5, 12), (28, 35, 5, 30)]))
-    row, col = centre_of_mass(digit)
-    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
-    assert max(ink_size(digit)) == 20
+def test_off_centre_blobs_are_centred_by_mass_to_the_nearest_pixel():
+    """MNIST's centres of mass lie at (14, 14) in pixel coordinates (rows and columns counted from 0): a whole-pixel
+    shift puts each digit's within half a pixel of it (+ the uint8 rounding of the scaled strokes); none of these
+    digits is so lopsided that it would stick out of the canvas."""
+    shapes = [  # Ls and bars at various places: centres of mass neither the image's nor their bounding box's
+        [(5, 35, 5, 12), (28, 35, 5, 30)],
+        [(60, 90, 70, 76), (60, 66, 40, 76)],
+        [(10, 80, 30, 37), (10, 17, 30, 61), (45, 52, 30, 50)],
+        [(20, 40, 15, 60), (20, 70, 50, 60)],
+        [(33, 41, 8, 90)],
+        [(3, 97, 44, 47), (50, 53, 10, 47)],
+    ]
+    for strokes in shapes:
+        digit = to_mnist(paper(100, 100, strokes))
+        row, col = centre_of_mass(digit)
+        assert abs(row - 14) <= 0.52 and abs(col - 14) <= 0.52, (strokes, row, col)
+        assert max(ink_size(digit)) == 20
 
 
 def test_transparent_background_counts_as_white():

@@ -111,3 +111,31 @@ def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "s").exists()  # nothing made
+
+
+def test_a_sweep_whose_database_is_lost_or_new_does_not_train_finished_points_again(shared_data_dir, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    """The runs on disk are the record: a point whose run finished in this --save-dir is not run again, whatever
+    the study's database holds (train.py runs in-process here, as the sweep would start it)."""
+    from mnist_lit.train import main as train
+
+    started = []
+
+    def run_train_here(argv, jobs):
+        started.append(argv)
+        if train(argv) != 0:
+            raise sweep.RunFailed(f"train.py {argv}")
+
+    monkeypatch.setattr(sweep, "run_train", run_train_here)
+    save_dir = tmp_path / "s"
+    argv = ["--seeds", "0", "--epochs", "1", "--quiet", "--data-dir", str(shared_data_dir), "--save-dir", str(save_dir)]
+    assert sweep.main(argv) == 0 and len(started) == 1 and len(finished_runs(save_dir)) == 1
+    (save_dir / "sweep.db").unlink()  # lost: the default database is made again, empty
+    for database in ([], ["--storage", f"sqlite:///{tmp_path / 'new.db'}"]):
+        assert sweep.main([*argv, *database]) == 0
+        assert len(started) == 1 and len(finished_runs(save_dir)) == 1, database
+
+
+def test_seeds_are_listed_and_ranges_include_both_ends():
+    for text, seeds in (("3", [3]), ("0-2", [0, 1, 2]), ("0-2,5,7-8", [0, 1, 2, 5, 7, 8]), ("4-4", [4])):
+        assert sweep.parse_seeds(text) == seeds, text

@@ -331,3 +331,18 @@ def test_each_net_option_is_a_column_empty_where_the_net_has_none(tmp_path):
     assert "model.net_options" not in header and "model.net_options.dropout" in header
     column = header.index("model.net_options.dropout")
     assert sorted(row[column] for row in rows) == ["", "0.3"]
+
+
+def test_a_finished_run_with_accuracy_0_counts_in_its_groups_mean_and_sd(tmp_path, capsys):
+    accs = [0.0, 0.5, 0.9]  # a run that learnt nothing is a result, not a missing one
+    for version, acc in enumerate(accs):
+        make_run(tmp_path, "initial", version, config(seed_everything=version), results("initial", acc, 20))
+    make_run(tmp_path, "initial", len(accs), config(seed_everything=9), last_ckpt=True)  # unfinished: not counted
+    code, out, _ = run_main(capsys, tmp_path, "--group-by", "recipe", "--format", "csv")
+    (group,) = csv.DictReader(io.StringIO(out))
+    percent = [100 * acc for acc in accs]
+    assert code == 0 and (group["n"], group["other runs"]) == ("3", "1")
+    assert (group["acc % mean"], group["sd"]) == (f"{statistics.mean(percent):.2f}", f"{statistics.stdev(percent):.2f}")
+    code, out, _ = run_main(capsys, tmp_path, "--format", "csv")
+    first = next(csv.DictReader(io.StringIO(out)))
+    assert (first["correct/count"], first["acc %"], first["status"]) == ("0/6000", "0.00", "finished")

@@ -100,3 +100,22 @@ def test_bad_space_is_one_line_and_exit_2(space, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: --space {path}") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "t").exists()
+
+
+def test_the_search_keeps_the_most_accurate_trial(shared_data_dir, tmp_path, monkeypatch):
+    """A search between a learning rate that learns and one that learns nothing: best.yaml is the one that learns
+    (train.py runs in-process here, as the search would start it)."""
+    from mnist_lit.experiments import launch
+
+    def run_train_here(argv, jobs):
+        if train(argv) != 0:
+            raise launch.RunFailed(f"train.py {argv}")
+
+    monkeypatch.setattr(launch, "run_train", run_train_here)
+    (tmp_path / "space.yaml").write_text("model.lr: {type: categorical, choices: [1.0e-9, 0.05]}\n")
+    argv = ["--space", tmp_path / "space.yaml", "--trials", "3", "--epochs", "1", "--quiet"]  # 3: none pruned
+    assert tune.main([str(a) for a in [*argv, "--data-dir", shared_data_dir, "--save-dir", tmp_path / "t"]]) == 0
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 't' / 'tune.db'}")
+    values = {trial.params["model.lr"]: trial.value for trial in study.trials}
+    assert set(values) == {1e-9, 0.05} and values[0.05] > values[1e-9]  # both were tried (the sampler's seed 0)
+    assert yaml.safe_load((tmp_path / "t" / "best.yaml").read_text())["model"]["lr"] == 0.05
