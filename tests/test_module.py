@@ -171,7 +171,7 @@ def test_label_smoothing_and_augmentation_are_for_training_only_evaluation_repor
     assert trainer.callback_metrics["test/loss"].item() == pytest.approx(plain, rel=1e-5)
     model.train_loss.reset()
     model.hparams.augment = False  # the training loss of these very images
-    model.model_step((images, labels), "train")
+    model.training_step((images, labels), 0)
     assert model.train_loss.compute().item() == pytest.approx(nll_loss(model(images), labels, 0.3).item(), rel=1e-5)
 
 
