@@ -47,7 +47,7 @@ def test_the_seed_recipe_learns_on_the_real_images(tmp_path):
 @pytest.fixture(scope="module")
 def fast_runs(tmp_path_factory) -> list[Path]:
     """Two short runs of the fast recipe, seeds 0 and 1: 100 steps of its one-epoch schedule (in float32: its bf16
-    runs ~20x slower on CPUs without bf16 units); their run folders."""
+    runs ~7x slower on CPUs without AVX-512: configs/fast.yaml); their run folders."""
     save_dir = tmp_path_factory.mktemp("fast")
     fast = ["--recipe", "fast", "--epochs", "1", "--trainer.limit_train_batches", "100", "--precision", "32-true"]
     fast += ["--data-dir", str(REAL_DATA), "--quiet"]

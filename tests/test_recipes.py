@@ -21,7 +21,7 @@ from mnist_lit.net import SlimNet
 from mnist_lit.train import main
 
 HERE = Path(__file__).resolve().parent
-# The strong recipe's bf16 autocast runs ~20x slower on CPUs without bf16 units (AVX2 only): the tests of what it
+# The strong recipe's bf16 autocast runs ~7x slower on CPUs without AVX-512 (configs/strong.yaml): the tests of what it
 # does besides (EMA, augmentation, recomputed BatchNorm statistics) run it in float32. bf16 itself is tested where
 # it is the subject (test_cli_settings.py, the fast recipe below).
 STRONG_IN_FLOAT32 = ["--recipe", "strong", "--precision", "32-true"]
