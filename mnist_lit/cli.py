@@ -223,6 +223,7 @@ class MNISTCLI(LightningCLI):
         for logger in extra_loggers:  # a logger from the command line numbers its versions as the run folders
             if getattr(logger, "_version", 0) is None:  # Lightning's loggers: None until they pick one themselves
                 logger._version = version
+        extra_loggers = [loggers.EpochsFromOne(logger) for logger in extra_loggers]
         run_loggers = False if given.logger is False else [tensorboard, loggers.EpochLines(), *extra_loggers]
         self.save_config_kwargs = {"run_dir": self.run_dir}
         try:  # Lightning checks --accelerator, --devices, --strategy, --num-nodes here

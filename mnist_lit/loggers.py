@@ -107,3 +107,57 @@ class TensorBoard(TensorBoardLogger):
             writer = self.experiment._get_file_writer()
             writer.add_summary(start, step)
             writer.add_summary(end, step)
+
+
+class EpochsFromOne(Logger):
+    """A logger added from the command line (``--trainer.logger+=CSVLogger``), its ``epoch`` values counted from 1
+    like the run's log lines and checkpoint names (Lightning hands every logger its 0-based epoch counter)."""
+
+    def __init__(self, logger: Logger):
+        super().__init__()
+        self.logger = logger
+
+    def __getattr__(self, name: str):  # what the logger has beyond the Logger interface (its experiment, ...)
+        if name == "logger":
+            raise AttributeError(name)
+        return getattr(self.logger, name)
+
+    @property
+    def name(self):
+        return self.logger.name
+
+    @property
+    def version(self):
+        return self.logger.version
+
+    @property
+    def save_dir(self):
+        return self.logger.save_dir
+
+    @property
+    def log_dir(self):
+        return self.logger.log_dir
+
+    @property
+    def root_dir(self):
+        return self.logger.root_dir
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self.logger.log_hyperparams(params, *args, **kwargs)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        self.logger.log_metrics(metrics, step)
+
+    def log_graph(self, model, input_array=None) -> None:
+        self.logger.log_graph(model, input_array)
+
+    def save(self) -> None:
+        self.logger.save()
+
+    def finalize(self, status: str) -> None:
+        self.logger.finalize(status)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.logger.after_save_checkpoint(checkpoint_callback)

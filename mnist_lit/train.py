@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from pytorch_lightning.callbacks import EarlyStopping
 
@@ -16,7 +17,7 @@ from mnist_lit.checkpoint_config import TRUST_FLAG
 from mnist_lit.cli import CKPT_ENV, MNISTCLI, SETTINGS_ERRORS, first_error
 from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import expand_short_flags
-from mnist_lit.loggers import eval_summary
+from mnist_lit.loggers import EpochsFromOne, eval_summary
 from mnist_lit.runs import console, log_file, remove_run_dir, snapshot_code
 from mnist_lit.threads import adapt_threads
 
@@ -45,12 +46,18 @@ def train(argv: list[str]) -> dict:
             start = time.perf_counter()
             if run_dir is not None and cli.ckpt_path:  # the processes Lightning launches (DDP) inherit it
                 os.environ[CKPT_ENV] = str(cli.ckpt_path.resolve())
+            # The folders loggers from the command line will make: removed with the run folder if it fails at once.
+            logger_dirs = [Path(lg.log_dir) for lg in trainer.loggers if isinstance(lg, EpochsFromOne) and lg.log_dir]
+            new_logger_dirs = [folder for folder in logger_dirs if not folder.exists()]
             try:
                 trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
             except BaseException as err:
                 saved = run_dir is not None and any(run_dir.glob("checkpoints/*.ckpt"))
                 if run_dir is not None and not saved:
                     remove_run_dir(run_dir)  # nothing to resume or use: a failed launch leaves no run folder
+                    for folder in new_logger_dirs:
+                        if folder.is_dir():
+                            remove_run_dir(folder)
                 if isinstance(err, SETTINGS_ERRORS) and not saved:  # the Trainer's set-up refused the settings
                     raise UserError(f"the run could not start: {first_error(err)}") from None
                 raise

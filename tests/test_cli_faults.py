@@ -123,5 +123,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(share
     """Nothing in it to resume or use, and an empty newest run would break `--ckpt last.ckpt`."""
     real_loss = module.nll_loss
     monkeypatch.setattr(module, "nll_loss", lambda *args: real_loss(*args) * float("nan"))
-    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS]) == 2
+    csv = ["--trainer.logger+=CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}"]  # logs at once
+    assert main(["--data-dir", str(shared_data_dir), "--save-dir", str(tmp_path), *ARGS, *csv]) == 2
     assert not (tmp_path / "initial").exists()  # no run folder, and no empty stage folder either
+    assert not (tmp_path / "csv" / "lightning_logs").exists()  # nor a stray folder of the added logger

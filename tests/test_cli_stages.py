@@ -1,6 +1,7 @@
 """scripts/train.py end to end on small IDX files: what an initial run leaves, the full stage going on from it,
 resume, which checkpoint a bare name means, run_all.sh, TensorBoard's record of both."""
 
+import csv
 import json
 import os
 import subprocess
@@ -247,6 +248,8 @@ def test_a_logger_from_the_command_line_numbers_its_versions_as_the_run_folders(
     assert run(*argv, "--trainer.logger+=CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}") == 0
     assert (tmp_path / "runs" / "initial" / "version_1").is_dir()
     assert [p.name for p in (tmp_path / "csv" / "lightning_logs").iterdir()] == ["version_1"]
+    with open(tmp_path / "csv" / "lightning_logs" / "version_1" / "metrics.csv") as rows:
+        assert {row["epoch"] for row in csv.DictReader(rows) if row["epoch"]} == {"1"}  # from 1, as log.txt
 
 
 def test_every_checkpoint_a_run_reads_is_read_weights_only(initial_run, tmp_path, monkeypatch):
