@@ -90,8 +90,9 @@ def unavailable(reason: str) -> None:
 
 def _postgres_bin() -> Path | None:
     """The folder of the newest PostgreSQL server programs (Debian keeps them off PATH)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if
-                   p.parts[-3].isdigit() else 0)  # fmt: skip
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     on_path = shutil.which("initdb")
     return found[-1].parent if found else Path(on_path).parent if on_path else None
 
@@ -123,13 +124,25 @@ def postgres_server(tmp_path_factory) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     data = home / "data"
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {home} -c fsync=off -c synchronous_commit=off " \
-        "-c full_page_writes=off -c max_connections=300"  # fmt: skip
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {home} -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
     steps = [
-        [str(bin_dir / "initdb"), "-D", str(data), "-U", "mnist", f"--pwfile={home / 'password'}",
-         "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"],
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "mnist",
+            f"--pwfile={home / 'password'}",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
         [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-t", "60", "-o", options, "start"],
-    ]  # fmt: skip
+    ]
     try:
         for step in steps:
             done = subprocess.run([*as_user, *step], capture_output=True, text=True, cwd=home)
@@ -138,8 +151,11 @@ def postgres_server(tmp_path_factory) -> Iterator[str]:
                 give_up(f"the PostgreSQL server did not start: {done.stderr.strip()[-2000:]} {log}")
         yield f"postgresql://mnist:{password}@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, cwd=home)  # fmt: skip
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            cwd=home,
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 

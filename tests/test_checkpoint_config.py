@@ -37,21 +37,31 @@ REFUSED = {
     ),
     "class_nested_in_an_allowed_callback": (
         ("trainer", "callbacks"),
-        [{"class_path": "mnist_lit.callbacks.EMAWithFreshBatchNorm",
-          "init_args": {"decay": {"class_path": "subprocess.Popen", "init_args": {"args": "true"}}}}],
+        [
+            {
+                "class_path": "mnist_lit.callbacks.EMAWithFreshBatchNorm",
+                "init_args": {"decay": {"class_path": "subprocess.Popen", "init_args": {"args": "true"}}},
+            }
+        ],
         "trainer.callbacks[0].init_args.decay",
-    ),  # fmt: skip
+    ),
     "extra_kwargs": (
         ("trainer", "callbacks"),
         [{"class_path": "pytorch_lightning.callbacks.LearningRateMonitor", "dict_kwargs": {"x": 1}}],
         "trainer.callbacks[0]",
     ),
-    "strategy_class": (("trainer", "strategy"), {"class_path": "pytorch_lightning.strategies.DDPStrategy"},
-                       "trainer.strategy"),
+    "strategy_class": (
+        ("trainer", "strategy"),
+        {"class_path": "pytorch_lightning.strategies.DDPStrategy"},
+        "trainer.strategy",
+    ),
     "strategy_import_path": (("trainer", "strategy"), "pytorch_lightning.strategies.DDPStrategy", "trainer.strategy"),
     "plugin_class": (("trainer", "plugins"), [{"class_path": "my_plugins.Anything"}], "trainer.plugins"),
-    "profiler_as_import_path": (("trainer", "profiler"), "pytorch_lightning.profilers.AdvancedProfiler",
-                                "trainer.profiler"),
+    "profiler_as_import_path": (
+        ("trainer", "profiler"),
+        "pytorch_lightning.profilers.AdvancedProfiler",
+        "trainer.profiler",
+    ),
     "trainer_as_a_file": (("trainer",), "./x.yaml", "trainer"),
     "data_as_a_string": (("data",), "{data_dir: /elsewhere}", "data"),
     "unknown_top_level_key": (("print_config",), True, "print_config"),
@@ -62,7 +72,7 @@ REFUSED = {
     "a_bool_for_an_int": (("trainer", "max_epochs"), True, "trainer.max_epochs"),
     "devices_as_a_yaml_list_string": (("trainer", "devices"), "[0, 1]", "trainer.devices"),
     "model_registry_upload": (("trainer", "model_registry"), "my-model", "trainer.model_registry"),
-}  # fmt: skip
+}
 
 
 def crafted_config(text: str, where: tuple, value, outside: Path) -> str:
@@ -93,8 +103,17 @@ def test_settings_that_are_not_this_projects_plain_settings_are_refused_naming_t
 def test_every_recipes_stored_settings_are_accepted_without_their_paths(recipe, shared_data_dir, tmp_path, capsys):
     """What a run of each recipe stores (e.g. the strong recipe's EMA callback) passes; only its paths and
     loggers go."""
-    argv = ["--recipe", recipe, "--data-dir", shared_data_dir, "--save-dir", tmp_path, "--trainer.default_root_dir",
-            tmp_path, "--print_config"]  # fmt: skip
+    argv = [
+        "--recipe",
+        recipe,
+        "--data-dir",
+        shared_data_dir,
+        "--save-dir",
+        tmp_path,
+        "--trainer.default_root_dir",
+        tmp_path,
+        "--print_config",
+    ]
     assert main([str(a) for a in argv]) == 0
     stored = capsys.readouterr().out
     accepted = yaml.safe_load(checkpoint_config(stored, "x.ckpt"))
@@ -175,8 +194,20 @@ def test_trusted_checkpoint_runs_its_settings(trained_ckpt, shared_data_dir, tmp
     """The flag is the user's word for a checkpoint they know: then its config is used as stored."""
     where, value, _ = REFUSED["callback_calling_any_function"]
     ckpt = write_crafted(trained_ckpt, tmp_path, where, value, tmp_path / "outside")
-    argv = ["--stage", "full", "--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", tmp_path / "runs",
-            "--epochs", "4", "--quiet", TRUST_FLAG]  # fmt: skip
+    argv = [
+        "--stage",
+        "full",
+        "--ckpt",
+        ckpt,
+        "--data-dir",
+        shared_data_dir,
+        "--save-dir",
+        tmp_path / "runs",
+        "--epochs",
+        "4",
+        "--quiet",
+        TRUST_FLAG,
+    ]
     assert main([str(a) for a in argv]) == 0
     assert "Trainer object" in capsys.readouterr().out
 

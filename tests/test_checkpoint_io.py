@@ -15,8 +15,11 @@ from helpers import crafted_checkpoint, run
 from mnist_lit.checkpoint_io import RunCheckpointIO, own_file
 
 # train/loss: logged in both stages (val/acc is test/acc in the full stage)
-EARLY_STOPPING = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=train/loss",
-                  "--trainer.callbacks.patience=3"]  # fmt: skip
+EARLY_STOPPING = [
+    "--trainer.callbacks+=EarlyStopping",
+    "--trainer.callbacks.monitor=train/loss",
+    "--trainer.callbacks.patience=3",
+]
 
 
 def test_only_plain_files_of_the_folder_are_its_own(tmp_path):
@@ -26,9 +29,20 @@ def test_only_plain_files_of_the_folder_are_its_own(tmp_path):
     (folder / "inner").mkdir()
     (folder / "link.ckpt").symlink_to(elsewhere / "victim")
     assert own_file(str(folder / "last.ckpt"), folder) == (folder / "last.ckpt").resolve()
-    for path in [f"local://{folder}/last.ckpt", f"file://{folder}/last.ckpt", "http://127.0.0.1:9/last.ckpt",
-                 f"{folder}/../elsewhere/victim", f"{folder}/inner/../last.ckpt", str(folder / "link.ckpt"),
-                 str(folder / "inner"), str(folder), str(elsewhere / "victim"), "", 12345, None]:  # fmt: skip
+    for path in [
+        f"local://{folder}/last.ckpt",
+        f"file://{folder}/last.ckpt",
+        "http://127.0.0.1:9/last.ckpt",
+        f"{folder}/../elsewhere/victim",
+        f"{folder}/inner/../last.ckpt",
+        str(folder / "link.ckpt"),
+        str(folder / "inner"),
+        str(folder),
+        str(elsewhere / "victim"),
+        "",
+        12345,
+        None,
+    ]:
         assert own_file(path, folder) is None, path
 
 
@@ -80,8 +94,11 @@ def point_paths_at(victims: dict[str, str], own_dir: Path):
     def edit(ckpt):
         for i, state in enumerate(s for s in ckpt["callbacks"].values() if "best_model_path" in s):
             paths = list(victims.values())
-            state.update(best_model_path=paths[i % len(paths)], last_model_path=paths[(i + 1) % len(paths)],
-                         kth_best_model_path=paths[(i + 2) % len(paths)])  # fmt: skip
+            state.update(
+                best_model_path=paths[i % len(paths)],
+                last_model_path=paths[(i + 1) % len(paths)],
+                kth_best_model_path=paths[(i + 2) % len(paths)],
+            )
             state["best_k_models"] = {path: torch.tensor(1.0) for path in paths}
             if i == 0:
                 state["dirpath"] = os.path.realpath(own_dir)
@@ -105,8 +122,21 @@ def test_paths_in_a_checkpoints_callback_state_delete_nothing_and_reach_no_serve
         "url": f"{url}/last.ckpt",
     }
     ckpt = crafted_checkpoint(trained_ckpt, tmp_path / "crafted.ckpt", point_paths_at(victims, own_dir))
-    argv = ["--stage", stage, "--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 5,
-            "--save-freq", 1, "--quiet"]  # fmt: skip
+    argv = [
+        "--stage",
+        stage,
+        "--ckpt",
+        ckpt,
+        "--data-dir",
+        shared_data_dir,
+        "--save-dir",
+        save_dir,
+        "--epochs",
+        5,
+        "--save-freq",
+        1,
+        "--quiet",
+    ]
     assert run(*argv) == 0
     assert (victim_folder / "results.json").read_text() == "a result"
     assert (tmp_path / "victim_file").read_text() == "another"
@@ -136,8 +166,22 @@ def test_a_new_stage_starts_with_fresh_stopping_state(stopping_run, shared_data_
     used_up = stopping_state(lambda s: s.update(patience=0, wait_count=5, best_score=torch.tensor(0.0)))
     ckpt = crafted_checkpoint(stopping_run, tmp_path / "x.ckpt", used_up)
     save_dir = tmp_path / "runs"
-    assert run("--stage", "full", "--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", save_dir,
-               "--full_epochs", 3, "--quiet") == 0  # fmt: skip
+    assert (
+        run(
+            "--stage",
+            "full",
+            "--ckpt",
+            ckpt,
+            "--data-dir",
+            shared_data_dir,
+            "--save-dir",
+            save_dir,
+            "--full_epochs",
+            3,
+            "--quiet",
+        )
+        == 0
+    )
     assert torch.load(save_dir / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
 
 
@@ -145,8 +189,9 @@ def test_a_new_stage_starts_with_fresh_stopping_state(stopping_run, shared_data_
     "edit_state",
     [lambda s: s.update(patience=0), lambda s: s.update(wait_count=99), lambda s: s.update(best_score="x")],
 )
-def test_a_resume_refuses_stopping_state_its_settings_do_not_allow(edit_state, stopping_run, shared_data_dir, tmp_path,
-                                                                    capsys):  # fmt: skip
+def test_a_resume_refuses_stopping_state_its_settings_do_not_allow(
+    edit_state, stopping_run, shared_data_dir, tmp_path, capsys
+):
     ckpt = crafted_checkpoint(stopping_run, tmp_path / "x.ckpt", stopping_state(edit_state))
     save_dir = tmp_path / "runs"
     assert run("--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 5, "--quiet") == 2
@@ -157,8 +202,10 @@ def test_a_resume_refuses_stopping_state_its_settings_do_not_allow(edit_state, s
 
 def test_a_resume_with_its_own_stopping_state_goes_on(stopping_run, shared_data_dir, tmp_path):
     save_dir = tmp_path / "runs"
-    assert run("--ckpt", stopping_run, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 4,
-               "--quiet") == 0  # fmt: skip
+    assert (
+        run("--ckpt", stopping_run, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 4, "--quiet")
+        == 0
+    )
 
 
 @pytest.mark.parametrize("field,value", [("best_model_path", 12345), ("best_model_score", "abc"), ("monitor", 3)])
@@ -169,7 +216,21 @@ def test_checkpoint_state_of_the_wrong_type_is_one_line(field, value, trained_ck
                 state[field] = value
 
     ckpt = crafted_checkpoint(trained_ckpt, tmp_path / "x.ckpt", edit)
-    assert run("--stage", "full", "--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", tmp_path / "runs",
-               "--epochs", 4, "--quiet") == 2  # fmt: skip
+    assert (
+        run(
+            "--stage",
+            "full",
+            "--ckpt",
+            ckpt,
+            "--data-dir",
+            shared_data_dir,
+            "--save-dir",
+            tmp_path / "runs",
+            "--epochs",
+            4,
+            "--quiet",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and field in err and not list((tmp_path / "runs").rglob("*"))

@@ -125,12 +125,18 @@ def test_options_the_trainer_refuses_leave_no_run_directory(argv, shared_data_di
     "argv, patch, message",
     [
         (["--trainer.callbacks+=ModelCheckpoint"], None, "the Trainer refused the options: Found more than one"),
-        (["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=x", "--trainer.callbacks.mode=bad"], None,
-         "the settings could not be built: `mode` can be min, max, got bad"),
-        (["--trainer.callbacks+=DeviceStatsMonitor"], "psutil missing",
-         "the run could not start: `DeviceStatsMonitor` cannot log CPU stats as `psutil` is not installed"),
+        (
+            ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=x", "--trainer.callbacks.mode=bad"],
+            None,
+            "the settings could not be built: `mode` can be min, max, got bad",
+        ),
+        (
+            ["--trainer.callbacks+=DeviceStatsMonitor"],
+            "psutil missing",
+            "the run could not start: `DeviceStatsMonitor` cannot log CPU stats as `psutil` is not installed",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_the_trainer_cannot_use_give_one_line_and_no_run_folder(
     argv, patch, message, shared_data_dir, tmp_path, capsys, monkeypatch
 ):

@@ -19,8 +19,12 @@ def test_original_and_short_spellings_are_the_full_names():
     assert old == ["--stage", "full", "--ckpt", "x.ckpt", "--trainer.max_epochs", "30", "--model.milestones=[2, 4]"]
     assert expand_short_flags(["--train-full", "0"]) == ["--stage", "initial"]
     assert expand_short_flags(["--lr=0.1", "--quiet", "--deterministic", "--milestones"]) == [
-        "--model.lr", "0.1", "--quiet=true", "--trainer.deterministic=true", "--model.milestones=[]"
-    ]  # fmt: skip
+        "--model.lr",
+        "0.1",
+        "--quiet=true",
+        "--trainer.deterministic=true",
+        "--model.milestones=[]",
+    ]
     assert expand_short_flags(["--recipe", "fast"])[1].endswith("configs/fast.yaml")
     with pytest.raises(UserError, match="contradicts"):
         expand_short_flags(["--train-full", "1", "--stage", "initial"])
@@ -31,14 +35,22 @@ def test_original_and_short_spellings_are_the_full_names():
 def test_every_short_flag_sets_its_full_setting(capsys):
     """The short flags (README), written out here: each expands to its full name, which sets that setting."""
     spellings = {  # short flag: (full name, a value)
-        "--dataset": ("--data.dataset", "kmnist"), "--batch-size": ("--data.batch_size", 32),
-        "--eval-batch-size": ("--data.eval_batch_size", 100), "--val-fraction": ("--data.val_fraction", 0.2),
-        "--net": ("--model.net", "slim"), "--lr": ("--model.lr", 0.02), "--momentum": ("--model.momentum", 0.7),
-        "--epochs": ("--trainer.max_epochs", 7), "--precision": ("--trainer.precision", "bf16-mixed"),
-        "--accelerator": ("--trainer.accelerator", "cpu"), "--devices": ("--trainer.devices", "1"),
-        "--strategy": ("--trainer.strategy", "ddp"), "--num-nodes": ("--trainer.num_nodes", 2),
-        "--seed": ("--seed_everything", 3), "--save-freq": ("--save_freq", 4),
-    }  # fmt: skip
+        "--dataset": ("--data.dataset", "kmnist"),
+        "--batch-size": ("--data.batch_size", 32),
+        "--eval-batch-size": ("--data.eval_batch_size", 100),
+        "--val-fraction": ("--data.val_fraction", 0.2),
+        "--net": ("--model.net", "slim"),
+        "--lr": ("--model.lr", 0.02),
+        "--momentum": ("--model.momentum", 0.7),
+        "--epochs": ("--trainer.max_epochs", 7),
+        "--precision": ("--trainer.precision", "bf16-mixed"),
+        "--accelerator": ("--trainer.accelerator", "cpu"),
+        "--devices": ("--trainer.devices", "1"),
+        "--strategy": ("--trainer.strategy", "ddp"),
+        "--num-nodes": ("--trainer.num_nodes", 2),
+        "--seed": ("--seed_everything", 3),
+        "--save-freq": ("--save_freq", 4),
+    }
     short = [str(part) for flag, (_, value) in spellings.items() for part in (flag, value)]
     assert expand_short_flags(short) == [str(part) for full, value in spellings.values() for part in (full, value)]
     config = resolved_config(capsys, *short)

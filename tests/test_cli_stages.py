@@ -230,9 +230,13 @@ def test_runs_compare_by_their_settings_in_tensorboards_hparams_tab(initial_run,
 
 
 def test_a_run_stopped_by_early_stopping_says_when_and_why(shared_data_dir, tmp_path, capsys):
-    stop_at_once = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
-                    "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=0",
-                    "--trainer.callbacks.min_delta=2"]  # fmt: skip
+    stop_at_once = [
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=val/acc",
+        "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.patience=0",
+        "--trainer.callbacks.min_delta=2",
+    ]
     assert run("--data-dir", shared_data_dir, "--save-dir", tmp_path, "--epochs", 5, *stop_at_once) == 0
     run_dir = tmp_path / "initial" / "version_0"
     stopped = json.loads((run_dir / "results.json").read_text())["stopped_early"]
@@ -276,8 +280,10 @@ def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, mo
     data = MNISTDataModule(str(shared_data_dir), val_fraction=0.125)
     data.setup()
     images, labels = data.val_set
-    answers = {image.numpy().tobytes(): int(label) if i < 7 else (int(label) + 1) % 10
-               for i, (image, label) in enumerate(zip(images, labels))}  # fmt: skip
+    answers = {
+        image.numpy().tobytes(): int(label) if i < 7 else (int(label) + 1) % 10
+        for i, (image, label) in enumerate(zip(images, labels))
+    }
     real_preprocess, real_classify = MNISTLitModule.preprocess, MNISTLitModule.classify
 
     def preprocess(self, pixels):
@@ -301,8 +307,7 @@ def test_results_count_the_correct_answers_exactly(shared_data_dir, tmp_path, mo
     assert epoch_lines(run_dir)[-1].endswith("val 7/40 (17.50%)")
 
 
-def test_ckpt_from_is_absolute_from_any_folder_and_chains_the_stages_oldest_first(initial_run, tmp_path,
-                                                                                   monkeypatch):  # fmt: skip
+def test_ckpt_from_is_absolute_from_any_folder_and_chains_the_stages_oldest_first(initial_run, tmp_path, monkeypatch):
     """results.json names the checkpoint a run went on from, absolute: evaluate.py's curves follow that chain."""
     data_dir, _, initial_dir = initial_run
     monkeypatch.chdir(initial_dir)

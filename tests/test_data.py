@@ -190,8 +190,10 @@ def test_processes_share_each_epoch_every_sample_once_in_the_same_number_of_step
     n = 101
     for world_size, batch_size in ((2, 16), (3, 16), (4, 25)):  # 101 = 4 x 25 + 1: the 1 joins the last batch
         for epoch in (0, 1):
-            loaders = [InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7, rank, world_size)
-                       for rank in range(world_size)]  # fmt: skip
+            loaders = [
+                InMemoryLoader(torch.arange(n), torch.arange(n), batch_size, True, 7, rank, world_size)
+                for rank in range(world_size)
+            ]
             for loader in loaders:
                 loader.sampler.set_epoch(epoch)
             batches = [list(loader) for loader in loaders]

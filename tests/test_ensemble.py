@@ -41,8 +41,7 @@ def error_line(capsys) -> str:
     return err
 
 
-def test_ensemble_is_the_mean_of_the_members_probabilities(trained_ckpt, other_ckpt, shared_data_dir, tmp_path,
-                                                           capsys):  # fmt: skip
+def test_ensemble_is_the_mean_of_the_members_probabilities(trained_ckpt, other_ckpt, shared_data_dir, tmp_path, capsys):
     """evaluate.py's ensemble: its loss and confusion matrix are those of the mean of the members' softmax, on
     images where the mean of their log-probabilities (a geometric mean) gives another loss."""
     out = tmp_path / "ensemble"
@@ -77,8 +76,9 @@ def test_ensemble_is_the_mean_of_the_members_probabilities(trained_ckpt, other_c
     assert not (other_ckpt.parent.parent / "evaluation").exists()
 
 
-def test_ensemble_default_folder_is_in_the_current_one(trained_ckpt, other_ckpt, shared_data_dir, tmp_path,
-                                                       monkeypatch):  # fmt: skip
+def test_ensemble_default_folder_is_in_the_current_one(
+    trained_ckpt, other_ckpt, shared_data_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     for out in ("ensemble-test", "ensemble-test-2"):  # an earlier evaluation is never overwritten
         assert evaluate.main(["--ckpt", str(trained_ckpt), str(other_ckpt), "--data-dir", str(shared_data_dir)]) == 0
@@ -131,8 +131,9 @@ def test_predict_with_an_ensemble(trained_ckpt, other_ckpt, shared_data_dir, tmp
 
 
 @pytest.mark.parametrize("export_format", list(export.FORMATS))
-def test_export_of_an_ensemble_is_checked_and_averages_the_members(trained_ckpt, other_ckpt, shared_data_dir, tmp_path,
-                                                                   capsys, export_format):  # fmt: skip
+def test_export_of_an_ensemble_is_checked_and_averages_the_members(
+    trained_ckpt, other_ckpt, shared_data_dir, tmp_path, capsys, export_format
+):
     out = tmp_path / f"ensemble.{export_format}"
     argv = ["--ckpt", trained_ckpt, other_ckpt, "--format", export_format, "--out", out, "--data-dir", shared_data_dir]
     assert export.main([str(a) for a in argv]) == 0

@@ -187,8 +187,9 @@ def test_val_split_is_the_runs_own_fold_or_fraction(shared_data_dir, tmp_path):
         assert main(["--ckpt", str(ckpt), "--data-dir", str(shared_data_dir), "--split", "val", "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         results = json.loads((run_dir / "results.json").read_text())
-        val = split_indices(len(labels), split.get("val_fraction", 0.1), split["seed"], split.get("folds"),
-                            split.get("fold", 0))[1]  # fmt: skip
+        val = split_indices(
+            len(labels), split.get("val_fraction", 0.1), split["seed"], split.get("folds"), split.get("fold", 0)
+        )[1]
         with torch.no_grad():
             predicted = load_trained(ckpt).module(images[val]).argmax(1)
         confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels[val], predicted), torch.tensor(1), True)

@@ -235,8 +235,9 @@ def test_an_export_off_by_more_than_the_tolerance_is_refused_and_within_it_kept(
             assert out.is_file() and captured.err == ""
 
 
-def test_the_contract_names_the_checkpoint_absolutely_from_any_folder(trained_ckpt, shared_data_dir, tmp_path,
-                                                                      monkeypatch):  # fmt: skip
+def test_the_contract_names_the_checkpoint_absolutely_from_any_folder(
+    trained_ckpt, shared_data_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(trained_ckpt.parent)
     out = tmp_path / "model.pt"
     code, printed = run_quietly(

@@ -26,8 +26,10 @@ def test_fast_and_protocol_parts_report_their_figures(shared_data_dir, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = (tmp_path / "gc" / "gpu_check_cpu.txt").read_text().splitlines()
     assert lines[0].endswith("scripts/gpu_check.sh, parts: fast protocol") and lines[-1] == "# exit 0"
-    seed_line = (rf"fast seed (\d): epoch 2 val \d+/\d+ \({NUMBER}%\) \| run {NUMBER} s \| process {NUMBER} s \| "
-                 rf"test \d+/120 \({NUMBER}%\)")  # fmt: skip
+    seed_line = (
+        rf"fast seed (\d): epoch 2 val \d+/\d+ \({NUMBER}%\) \| run {NUMBER} s \| process {NUMBER} s \| "
+        rf"test \d+/120 \({NUMBER}%\)"
+    )
     seeds = [m.group(1) for m in map(re.compile(seed_line).fullmatch, lines) if m]
     assert seeds == list("03")
     mean = [line for line in lines if line.startswith("fast mean of 2 seeds: run ")]

@@ -23,8 +23,10 @@ def test_workers_on_one_study_never_take_the_same_waiting_trial(new_database):
     study = optuna.create_study(study_name="q", storage=url)
     for x in range(40):
         study.enqueue_trial({"x": x})
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True) for _ in range(4)]  # fmt: skip
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     for worker in workers:
         assert worker.stdout.readline() == "ready\n"
     for worker in workers:

@@ -190,8 +190,14 @@ def test_augmentation_draws_anew_at_every_training_step(monkeypatch):
 
     monkeypatch.setattr(mnist_lit.module, "random_affine", recording_affine)
     images, labels = batch(96, seed=1)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(MNISTLitModule(net="linear", augment=True), DataLoader(TensorDataset(images, labels), batch_size=32))
     assert len(draws) == 2 * 3 and len({draw.numpy().tobytes() for draw in draws}) == len(draws)
 

@@ -105,8 +105,12 @@ def candidates(shared_data_dir, tmp_path_factory) -> list[Path]:
     save_dir = tmp_path_factory.mktemp("pool")
     for seed, net in CANDIDATES:
         argv = ["--data-dir", shared_data_dir, "--save-dir", save_dir / seed, "--seed", seed, "--net", net]
-        assert train([str(a) for a in [*argv, "--epochs", "1", "--lr", "0.05", "--data.split_seed", SPLIT_SEED,
-                                        "--quiet"]]) == 0  # fmt: skip
+        assert (
+            train(
+                [str(a) for a in [*argv, "--epochs", "1", "--lr", "0.05", "--data.split_seed", SPLIT_SEED, "--quiet"]]
+            )
+            == 0
+        )
     return [save_dir / seed / "initial" / "version_0" / "checkpoints" / "last.ckpt" for seed, _ in CANDIDATES]
 
 
@@ -116,8 +120,9 @@ def error_line(capsys) -> str:
     return err
 
 
-def test_select_ensemble_chooses_on_validation_and_writes_a_list_evaluate_takes(candidates, shared_data_dir, tmp_path,
-                                                                               capsys):  # fmt: skip
+def test_select_ensemble_chooses_on_validation_and_writes_a_list_evaluate_takes(
+    candidates, shared_data_dir, tmp_path, capsys
+):
     out = tmp_path / "lists" / "members.txt"
     argv = ["--ckpt", *candidates, "--data-dir", shared_data_dir, "--out", out]
     assert select([str(a) for a in argv]) == 0
@@ -144,15 +149,32 @@ def test_select_ensemble_chooses_on_validation_and_writes_a_list_evaluate_takes(
     assert all(f"/32 {candidate}" in text for candidate in candidates)
     # The runs share their validation images, so evaluate.py takes all three together on them.
     result = tmp_path / "all"
-    assert evaluate.main(["--ckpt", *map(str, candidates), "--split", "val", "--data-dir", str(shared_data_dir),
-                          "--out", str(result)]) == 0  # fmt: skip
+    assert (
+        evaluate.main(
+            [
+                "--ckpt",
+                *map(str, candidates),
+                "--split",
+                "val",
+                "--data-dir",
+                str(shared_data_dir),
+                "--out",
+                str(result),
+            ]
+        )
+        == 0
+    )
     assert [m["correct"] for m in json.loads((result / "metrics.json").read_text())["members"]] == [
         ensemble_correct([lp], labels) for lp in log_probs
     ]
     # The list as evaluate.py's members, on validation: the ensemble's accuracy the selection printed.
     result = tmp_path / "val"
-    assert evaluate.main(["--members", str(out), "--split", "val", "--data-dir", str(shared_data_dir), "--out",
-                          str(result)]) == 0  # fmt: skip
+    assert (
+        evaluate.main(
+            ["--members", str(out), "--split", "val", "--data-dir", str(shared_data_dir), "--out", str(result)]
+        )
+        == 0
+    )
     metrics = json.loads((result / "metrics.json").read_text())
     assert (metrics["correct"], len(metrics["members"])) == (steps[-1].correct, len(steps))
     # The same candidates, the same list (written again only with --force).
@@ -161,8 +183,9 @@ def test_select_ensemble_chooses_on_validation_and_writes_a_list_evaluate_takes(
     assert select([str(a) for a in [*argv, "--force"]]) == 0 and out.read_text() == text
 
 
-def test_select_ensemble_refuses_candidates_that_do_not_share_a_split(candidates, trained_ckpt, shared_data_dir,
-                                                                      tmp_path, capsys):  # fmt: skip
+def test_select_ensemble_refuses_candidates_that_do_not_share_a_split(
+    candidates, trained_ckpt, shared_data_dir, tmp_path, capsys
+):
     out = tmp_path / "members.txt"
     cases = [
         ([*candidates, trained_ckpt], "validated on different splits"),  # trained_ckpt: split seed 0 (its seed)

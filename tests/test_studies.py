@@ -61,14 +61,33 @@ def four_workers(new_database, shared_data_dir, tmp_path_factory):
     workers, save_dirs = [], [root / f"machine{i}" / "runs" for i in range(4)]
     for save_dir in save_dirs:
         save_dir.parent.mkdir()
-        command = [sys.executable, str(SWEEP), *GRID, "--storage", url, "--data-dir", str(shared_data_dir),
-                   "--save-dir", str(save_dir)]  # fmt: skip
-        workers.append(subprocess.Popen(command, cwd=save_dir.parent, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True))  # fmt: skip
+        command = [
+            sys.executable,
+            str(SWEEP),
+            *GRID,
+            "--storage",
+            url,
+            "--data-dir",
+            str(shared_data_dir),
+            "--save-dir",
+            str(save_dir),
+        ]
+        workers.append(
+            subprocess.Popen(
+                command,
+                cwd=save_dir.parent,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     codes = [worker.returncode for worker in workers]
-    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0], "\n".join(out[-3000:] for out, code in zip(outputs, codes)
-                                                                   if code != 0)  # fmt: skip
+    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0], "\n".join(
+        out[-3000:] for out, code in zip(outputs, codes) if code != 0
+    )
     order = sorted(range(4), key=lambda i: codes[i] != -signal.SIGKILL)
     return url, [save_dirs[i] for i in order], [outputs[i] for i in order]
 
@@ -124,8 +143,10 @@ def test_runs_py_from_a_study_shows_each_run_once_and_tells_hosts_apart(new_data
         trial.set_user_attr("host", host)
         trial.set_user_attr("run_dir", "/runs/initial/version_0")
         trial.set_user_attr("settings", {"seed_everything": str(seed), "stage": "initial", "recipe": "seed"})
-        trial.set_user_attr("results", {"epoch": 1, "split": "val", "correct": correct, "count": 100,
-                                        "acc": correct / 100, "wall_s": 1.5})  # fmt: skip
+        trial.set_user_attr(
+            "results",
+            {"epoch": 1, "split": "val", "correct": correct, "count": 100, "acc": correct / 100, "wall_s": 1.5},
+        )
         study.tell(trial, correct / 100)
     assert table.report(["--storage", url, "--format", "csv"]).splitlines() == [
         "save dir,stage,version,recipe,seed_everything,epoch,split,correct/count,acc %,wall s,status",
@@ -194,8 +215,11 @@ def test_the_dashboard_serves_the_study(new_database, tmp_path):
     trial.set_user_attr("run_dir", "/runs/initial/version_0")
     study.tell(trial, 0.97)
     port = closed_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), url, "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), url, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for _ in range(300):  # until it answers (a few seconds)
             try:

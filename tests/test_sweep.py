@@ -113,8 +113,9 @@ def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # nothing made
 
 
-def test_a_sweep_whose_database_is_lost_or_new_does_not_train_finished_points_again(shared_data_dir, tmp_path,
-                                                                                     monkeypatch):  # fmt: skip
+def test_a_sweep_whose_database_is_lost_or_new_does_not_train_finished_points_again(
+    shared_data_dir, tmp_path, monkeypatch
+):
     """The runs on disk are the record: a point whose run finished in this --save-dir is not run again, whatever
     the study's database holds (train.py runs in-process here, as the sweep would start it)."""
     from mnist_lit.train import main as train

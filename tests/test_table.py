@@ -50,9 +50,19 @@ def config(**changes) -> dict:
 def results(stage: str, acc: float, epoch: int) -> dict:
     split, count = ("val", 6000) if stage == "initial" else ("test", 10000)
     return {
-        "stage": stage, "recipe": "seed", "run_dir": "/somewhere", "ckpt_from": None, "epoch": epoch, "split": split,
-        "correct": round(acc * count), "count": count, "acc": acc, "loss": 0.03, "processes": 1, "wall_s": 123.4,
-    }  # fmt: skip
+        "stage": stage,
+        "recipe": "seed",
+        "run_dir": "/somewhere",
+        "ckpt_from": None,
+        "epoch": epoch,
+        "split": split,
+        "correct": round(acc * count),
+        "count": count,
+        "acc": acc,
+        "loss": 0.03,
+        "processes": 1,
+        "wall_s": 123.4,
+    }
 
 
 def make_run(save_dir: Path, stage: str, version: int, settings=None, result=None, last_ckpt=False) -> Path:
@@ -143,9 +153,14 @@ def test_rows_show_only_the_settings_that_differ(save_dir):
     header, rows = table.runs_table(records.read_runs(save_dir))
     settings = header[3 : header.index("epoch")]
     assert settings == [
-        "seed_everything", "model.net", "model.lr", "model.milestones", "trainer.precision", "trainer.max_epochs",
+        "seed_everything",
+        "model.net",
+        "model.lr",
+        "model.milestones",
+        "trainer.precision",
+        "trainer.max_epochs",
         "trainer.callbacks",
-    ]  # fmt: skip
+    ]
     rows = [dict(zip(header, row)) for row in rows]
     assert rows[3]["trainer.callbacks"] == "EMAWithFreshBatchNorm" and rows[0]["trainer.callbacks"] == "null"
     assert (rows[0]["model.milestones"], rows[8]["model.milestones"], rows[8]["model.lr"]) == (
@@ -154,9 +169,17 @@ def test_rows_show_only_the_settings_that_differ(save_dir):
         "0.0001",
     )
     first = {
-        "stage": "initial", "version": "0", "recipe": "seed", "seed_everything": "0", "epoch": "20", "split": "val",
-        "correct/count": "5940/6000", "acc %": "99.00", "wall s": "123.4", "status": "finished",
-    }  # fmt: skip
+        "stage": "initial",
+        "version": "0",
+        "recipe": "seed",
+        "seed_everything": "0",
+        "epoch": "20",
+        "split": "val",
+        "correct/count": "5940/6000",
+        "acc %": "99.00",
+        "wall s": "123.4",
+        "status": "finished",
+    }
     assert part(rows[0], *first) == first
     assert rows[8]["correct/count"] == "9925/10000" and rows[8]["acc %"] == "99.25"
     assert [rows[i]["epoch"] for i in (4, 5, 6)] == ["-", "-", "-"]
@@ -255,11 +278,22 @@ def test_script_default_save_dir_and_no_torch(tmp_path):
     check = "; assert 'torch' not in sys.modules, 'mnist_lit.experiments.table imports torch'"
     done = subprocess.run(
         [sys.executable, "-c", f"import sys, mnist_lit.experiments.table{check}; {code}", ROOT / "scripts" / "runs.py"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[1].split() == ["initial", "0", "seed", "20", "val", "5940/6000", "99.00", "123.4",
-                                                   "finished"]  # fmt: skip
+    assert done.stdout.splitlines()[1].split() == [
+        "initial",
+        "0",
+        "seed",
+        "20",
+        "val",
+        "5940/6000",
+        "99.00",
+        "123.4",
+        "finished",
+    ]
 
 
 def test_a_real_run_is_a_finished_row(shared_data_dir, tmp_path, capsys):
@@ -273,10 +307,16 @@ def test_a_real_run_is_a_finished_row(shared_data_dir, tmp_path, capsys):
     code, out, _ = run_main(capsys, tmp_path, "--format", "csv")
     (row,) = csv.DictReader(io.StringIO(out))
     assert code == 0 and row == {
-        "stage": "initial", "version": "0", "recipe": "seed", "epoch": "1", "split": "val",
-        "correct/count": f"{written['correct']}/{written['count']}", "acc %": f"{100 * written['acc']:.2f}",
-        "wall s": f"{written['wall_s']:.1f}", "status": "finished",
-    }  # fmt: skip
+        "stage": "initial",
+        "version": "0",
+        "recipe": "seed",
+        "epoch": "1",
+        "split": "val",
+        "correct/count": f"{written['correct']}/{written['count']}",
+        "acc %": f"{100 * written['acc']:.2f}",
+        "wall s": f"{written['wall_s']:.1f}",
+        "status": "finished",
+    }
 
 
 def test_group_by_settings_averages_only_runs_that_differ_in_their_seed(tmp_path, capsys):
@@ -285,15 +325,28 @@ def test_group_by_settings_averages_only_runs_that_differ_in_their_seed(tmp_path
     accs = {(0.01, 0): 0.99, (0.01, 1): 0.991, (0.01, 2): 0.992, (0.02, 0): 0.98, (0.02, 1): 0.982}
     for version, ((lr, seed), acc) in enumerate(accs.items()):
         where = {"data.data_dir": "/elsewhere", "quiet": True} if version == 2 else {}
-        make_run(tmp_path, "initial", version, config(seed_everything=seed, **{"model.lr": lr}, **where),
-                 results("initial", acc, 20))  # fmt: skip
+        make_run(
+            tmp_path,
+            "initial",
+            version,
+            config(seed_everything=seed, **{"model.lr": lr}, **where),
+            results("initial", acc, 20),
+        )
     fast = config(recipe="fast", **{"model.net": "slim", "model.lr": 0.04})
     make_run(tmp_path, "initial", 5, fast, results("initial", 0.985, 2))
     make_run(tmp_path, "initial", 6, config(seed_everything=7, **{"model.lr": 0.02}), last_ckpt=True)  # unfinished
     code, out, _ = run_main(capsys, tmp_path, "--group-by", "settings", "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert code == 0 and list(rows[0]) == ["stage", "recipe", "model.net", "model.lr", "n", "acc % mean", "sd",
-                                           "other runs"]  # fmt: skip
+    assert code == 0 and list(rows[0]) == [
+        "stage",
+        "recipe",
+        "model.net",
+        "model.lr",
+        "n",
+        "acc % mean",
+        "sd",
+        "other runs",
+    ]
     by_lr = {(r["recipe"], r["model.net"], r["model.lr"]): r for r in rows}
     assert set(by_lr) == {("seed", "lenet", "0.01"), ("seed", "lenet", "0.02"), ("fast", "slim", "0.04")}
     for lr, other in (("0.01", "0"), ("0.02", "1")):

@@ -111,9 +111,11 @@ def test_custom_scalars_show_every_split_and_stage_of_a_metric_on_one_chart(page
         return {" ".join(t.split()[1:]) for t in found} if len(found) >= 4 else set()
 
     assert poll(lines) == {
-        "acc/train (initial/version_0)", "acc/val (initial/version_0)", "acc/train (full/version_0)",
+        "acc/train (initial/version_0)",
+        "acc/val (initial/version_0)",
+        "acc/train (full/version_0)",
         "acc/test (full/version_0)",
-    }  # fmt: skip
+    }
 
 
 def test_hparams_table_shows_the_settings_and_the_final_accuracy_without_paths(page, tensorboard):

@@ -94,8 +94,21 @@ def test_every_entry_point_gives_way_to_a_busy_neighbour(
 @pytest.mark.slow
 def test_the_contention_benchmark_reports_its_ratios(shared_data_dir, tmp_path):
     out = tmp_path / "contention.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "contention.py"), "--data-dir", str(shared_data_dir),
-           "--steps", "2", "--rounds", "1", "--out", str(out), "--", "--precision", "32-true"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "contention.py"),
+        "--data-dir",
+        str(shared_data_dir),
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--",
+        "--precision",
+        "32-true",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     runs = json.loads(out.read_text())["runs"]

@@ -27,9 +27,25 @@ def tuned(new_database, shared_data_dir, tmp_path_factory):
     root, storage = tmp_path_factory.mktemp("tune"), new_database()
     optuna.create_study(study_name="t", storage=storage, direction="maximize").enqueue_trial(HOPELESS)
     (root / "space.yaml").write_text(SPACE)
-    command = [sys.executable, str(TUNE), "--space", str(root / "space.yaml"), "--trials", "3", "--storage",
-               storage, "--study", "t", "--epochs", "1", "--prune-below", "0.3", "--data-dir", str(shared_data_dir),
-               "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(TUNE),
+        "--space",
+        str(root / "space.yaml"),
+        "--trials",
+        "3",
+        "--storage",
+        storage,
+        "--study",
+        "t",
+        "--epochs",
+        "1",
+        "--prune-below",
+        "0.3",
+        "--data-dir",
+        str(shared_data_dir),
+        "--quiet",
+    ]
     save_dirs = [root / f"worker{seed}" for seed in (0, 1)]
     workers = [
         subprocess.Popen(
@@ -38,7 +54,7 @@ def tuned(new_database, shared_data_dir, tmp_path_factory):
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for seed, save_dir in enumerate(save_dirs)
     ]
     outputs = [worker.communicate(timeout=300) for worker in workers]
