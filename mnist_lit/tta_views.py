@@ -12,6 +12,7 @@ from mnist_lit.errors import ArgumentParser, exit_code
 from mnist_lit.evaluate import split_data
 from mnist_lit.idx import DATA_DIR, DATASETS
 from mnist_lit.inference import Trained, classify, load_members, mean_probability
+from mnist_lit.threads import adapt_threads
 
 
 def correct_by_views(member: Trained, data_dir) -> tuple[list[int], int]:
@@ -49,11 +50,16 @@ def count_table(ckpts: list[str], data_dir, dataset: str | None = None) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
+    adapt_threads()  # the first measurement of the load starts: by the first batch it is known
     parser = ArgumentParser(prog="tta_views.py", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--ckpt", required=True, nargs="+", action="extend", metavar="PATH",
+        "--ckpt",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="PATH",
         help="initial-stage checkpoint(s); each is counted on its own validation split",
-    )  # fmt: skip
+    )
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder that holds the dataset's raw/ files")
     parser.add_argument("--dataset", choices=list(DATASETS), help="must match the checkpoints' (default: their own)")
 
