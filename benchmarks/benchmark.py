@@ -56,6 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mnist_lit.threads import share_the_cpu
+
+share_the_cpu()  # before torch starts: OpenMP reads its environment once
+
 import torch
 import torch.nn.functional as F
 import yaml

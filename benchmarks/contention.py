@@ -10,12 +10,14 @@ after the imports). The neighbour is a single-threaded torch loop of matrix prod
 before the measurement and stopped after it: what anyone has beside a run (a browser, a second experiment, a test
 suite). The two settings:
 
-- ``default``: ``OMP_NUM_THREADS`` = the cores: torch's own thread count, fixed;
-- ``ours``: the environment as a user has it: torch's threads follow the free cores (``mnist_lit.threads``).
+- ``default``: ``OMP_NUM_THREADS`` = the cores: torch's own threads, spinning while they wait;
+- ``ours``: the environment as a user has it: OpenMP's threads sleep while they wait if other processes run when
+  the script starts (``mnist_lit.threads.share_the_cpu``), the results the same as on an idle machine;
+- ``follow``: ``MNIST_LIT_THREADS=follow``: the thread count also follows the free cores as the run goes (the
+  results then depend on the load).
 
-Reported, as the median of each round's own ratio to ``default`` alone: ``ours`` alone (what following the load
-costs on an idle machine), ``default`` beside the neighbour and ``ours`` beside it (a fair share of 2 cores with
-one taken is 2x).
+Reported, as the median of each round's own ratio to ``default`` alone: each setting alone (what it costs on an
+idle machine) and beside the neighbour (a fair share of 2 cores with one taken is 2x).
 """
 
 import json
@@ -30,7 +32,7 @@ from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.threads import USER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("default", "ours")
+SETTINGS = ("default", "ours", "follow")
 PLACES = ("alone", "beside")
 NEIGHBOUR = """
 import sys, torch
@@ -46,6 +48,8 @@ def environment(setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, "MNIST_LIT_THREADS")}
     if setting == "default":
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    elif setting == "follow":
+        env["MNIST_LIT_THREADS"] = "follow"
     return env
 
 

@@ -106,13 +106,16 @@ class StepSeededRNG(Callback):
 
 class ThreadsForFreeCores(Callback):
     """Torch's thread count follows the cores other processes leave free (``mnist_lit.threads``), checked
-    between batches. Not with several processes (DDP): Lightning divides the cores between them."""
+    between batches (``MNIST_LIT_THREADS=follow``: the results then depend on the load). Not with several
+    processes (DDP): Lightning divides the cores between them."""
 
     def __init__(self):
         self.active = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.active = trainer.world_size == 1
+        if self.active:
+            adapt_threads()  # the first measurement starts
 
     def on_train_batch_start(self, *args) -> None:
         if self.active:

@@ -35,7 +35,7 @@ from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import draws_random_numbers
 from mnist_lit.run_config import RunConfig
 from mnist_lit.runs import launched_as_rank_zero, new_run_dir, remove_run_dir, resolve_ckpt, run_version
-from mnist_lit.threads import adapts
+from mnist_lit.threads import training_follows
 
 # Lightning-launched DDP processes read the checkpoint rank 0 resolved: a bare name could name another file by then.
 CKPT_ENV = "MNIST_LIT_CKPT"
@@ -208,7 +208,7 @@ class MNISTCLI(LightningCLI):
             run_callbacks.insert(0, callbacks.CheckedRestore(new_stage=not self.resume))
         if self.ckpt_path and not self.resume:
             run_callbacks.insert(0, callbacks.FreshOptimizer())
-        if adapts():  # only then: a callback's hooks cost time on every step
+        if training_follows():  # only then (it changes the numbers): a callback's hooks cost time on every step
             run_callbacks.append(callbacks.ThreadsForFreeCores())
         if draws_random_numbers(self.model.net):  # only then: a callback's hooks cost time on every step
             run_callbacks.append(callbacks.StepSeededRNG())

@@ -19,7 +19,6 @@ from mnist_lit.errors import UserError, exit_code
 from mnist_lit.flags import expand_short_flags
 from mnist_lit.loggers import EpochsFromOne, eval_summary
 from mnist_lit.runs import console, log_file, remove_run_dir, snapshot_code
-from mnist_lit.threads import adapt_threads
 
 log = logging.getLogger("mnist_lit")
 
@@ -124,7 +123,6 @@ def keep_freed_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """scripts/train.py: errors meant for the user become one line and exit code 2; --print_config exits 0."""
-    adapt_threads()  # the first measurement of the load starts: by the first batch it is known
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     keep_freed_memory()
     try:

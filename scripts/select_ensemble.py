@@ -6,7 +6,11 @@ Greedy forward selection (Caruana et al., 2004) on the candidates' validation pr
 
 import sys
 
-from mnist_lit.experiments.selection import main
+from mnist_lit.threads import share_the_cpu
+
+share_the_cpu()  # before torch starts: OpenMP reads its environment once
+
+from mnist_lit.experiments.selection import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

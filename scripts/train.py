@@ -6,7 +6,11 @@ Settings: `--recipe NAME`, `--config FILE`, `--model.X`, `--data.X`, `--trainer.
 import gc
 import sys
 
-from mnist_lit.train import main
+from mnist_lit.threads import share_the_cpu
+
+share_the_cpu()  # before torch starts: OpenMP reads its environment once
+
+from mnist_lit.train import main  # noqa: E402
 
 if __name__ == "__main__":
     code = main()

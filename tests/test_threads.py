@@ -68,7 +68,7 @@ def test_the_count_follows_the_load_both_ways(adaptive):
 @pytest.mark.parametrize(
     "setting", [("OMP_NUM_THREADS", "2"), ("MKL_NUM_THREADS", "2"), ("MNIST_LIT_THREADS", "fixed")]
 )
-def test_a_users_own_setting_wins(setting, adaptive, monkeypatch):
+def test_a_users_own_setting_wins_over_the_thread_count(setting, adaptive, monkeypatch):
     monkeypatch.setenv(*setting)
     adaptive[0] = 1.0
     for _ in range(3):
@@ -80,15 +80,83 @@ ENTRY_POINTS = {  # each entry point, in-process, on the tiny data
     "train": lambda ckpt, data, out: run("--data-dir", data, "--save-dir", out, "--epochs", 1, "--quiet"),
     "evaluate": lambda ckpt, data, out: evaluate.main(["--ckpt", ckpt, "--data-dir", data, "--out", out]),
 }
+FOLLOWS = {"evaluate": True, "train": False}  # a forward pass gives the same numbers with any thread count
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
-def test_every_entry_point_gives_way_to_a_busy_neighbour(
-    entry_point, adaptive, trained_ckpt, shared_data_dir, tmp_path
+def test_the_thread_count_follows_a_busy_neighbour_where_it_changes_no_number(
+    entry_point, adaptive, trained_ckpt, shared_data_dir, tmp_path, monkeypatch
 ):
     adaptive[0] = 1.0
     assert ENTRY_POINTS[entry_point](str(trained_ckpt), str(shared_data_dir), str(tmp_path / "out")) == 0
+    assert torch.get_num_threads() == (1 if FOLLOWS[entry_point] else 2)
+
+
+def test_training_follows_the_load_when_asked(adaptive, shared_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_LIT_THREADS", "follow")
+    adaptive[0] = 1.0
+    assert ENTRY_POINTS["train"](None, str(shared_data_dir), str(tmp_path / "out")) == 0
     assert torch.get_num_threads() == 1
+
+
+def test_the_thread_count_changes_a_weight_gradient_not_a_forward_pass():
+    """Why training keeps its thread count: the same gradient summed by 1 or 2 threads differs in its last bits."""
+    saved, generator = torch.get_num_threads(), torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 16, 12, 12, generator=generator), torch.randn(32, 16, 5, 5, generator=generator)
+    results = []
+    for threads_ in (1, 2):
+        torch.set_num_threads(threads_)
+        weight = w.clone().requires_grad_()
+        out = torch.nn.functional.conv2d(x, weight)
+        out.sum().backward()
+        results.append((out.detach(), weight.grad))
+    torch.set_num_threads(saved)
+    assert torch.equal(results[0][0], results[1][0])
+    if (os.cpu_count() or 1) > 1:
+        assert not torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("others,policy", [(0.0, None), (0.2, None), (1.0, "PASSIVE"), (3.0, "PASSIVE")])
+def test_openmp_threads_sleep_while_they_wait_if_others_run(others, policy, monkeypatch):
+    monkeypatch.setattr(threads, "running_others", lambda: others)
+    environ = {}
+    threads.share_the_cpu(environ)
+    assert environ.get("OMP_WAIT_POLICY") == policy
+    for setting in ({"OMP_NUM_THREADS": "2"}, {"GOMP_SPINCOUNT": "0"}, {"MNIST_LIT_THREADS": "fixed"}):
+        environ = dict(setting)
+        threads.share_the_cpu(environ)
+        assert environ == setting  # the user's own choice wins
+    assert threads.running_others() >= 0.0  # the real run queue
+
+
+ENTRY_SCRIPTS = [
+    "scripts/train.py",
+    "scripts/evaluate.py",
+    "scripts/predict.py",
+    "scripts/export.py",
+    "scripts/tta_views.py",
+    "scripts/select_ensemble.py",
+    "benchmarks/benchmark.py",
+]
+BEFORE_TORCH = """
+import runpy, sys
+import mnist_lit.threads
+calls = []
+mnist_lit.threads.share_the_cpu = lambda *args: calls.append("torch" in sys.modules)
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(calls)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS)
+def test_every_entry_point_sets_openmps_environment_before_torch_starts(script):
+    done = subprocess.run([sys.executable, "-c", BEFORE_TORCH, script], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == "[False]", done.stderr[-500:]
 
 
 @pytest.mark.slow
@@ -112,6 +180,8 @@ def test_the_contention_benchmark_reports_its_ratios(shared_data_dir, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"default alone", "ours alone", "default beside", "ours beside"}
+    assert set(runs) == {
+        f"{setting} {place}" for setting in ("default", "ours", "follow") for place in ("alone", "beside")
+    }
     assert runs["default alone"]["ratio_to_default_alone"] == 1.0
     assert all(row["median_s"] > 0 and row["ratio_to_default_alone"] > 0 for row in runs.values())
