@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
-from mnist_lit.threads import USER_SETTINGS
+from mnist_lit.threads import CHOSEN_HERE, USER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "ours", "follow")
@@ -45,7 +45,7 @@ while True:
 
 
 def environment(setting: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, "MNIST_LIT_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, CHOSEN_HERE, "MNIST_LIT_THREADS")}
     if setting == "default":
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
     elif setting == "follow":

@@ -33,8 +33,12 @@ BUSY_CORE = 0.4
 SAMPLES, SAMPLE_GAP_S = 20, 0.002  # share_the_cpu's look at the run queue: 40 ms
 
 
+CHOSEN_HERE = "MNIST_LIT_WAIT_POLICY"  # beside OMP_WAIT_POLICY when share_the_cpu set it, not the user
+
+
 def user_chose(environ=os.environ) -> bool:
-    return environ.get("MNIST_LIT_THREADS") == "fixed" or any(name in environ for name in USER_SETTINGS)
+    ours = {"OMP_WAIT_POLICY"} if CHOSEN_HERE in environ else set()
+    return environ.get("MNIST_LIT_THREADS") == "fixed" or any(n in environ for n in USER_SETTINGS if n not in ours)
 
 
 def running_others() -> float:
@@ -53,7 +57,7 @@ def share_the_cpu(environ=os.environ) -> None:
     if user_chose(environ) or not os.path.exists("/proc/stat"):
         return
     if running_others() >= BUSY_CORE:
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["OMP_WAIT_POLICY"] = environ[CHOSEN_HERE] = "PASSIVE"
 
 
 def others_busy_cores(busy_s: float, own_s: float, wall_s: float) -> float:

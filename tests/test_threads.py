@@ -122,6 +122,7 @@ def test_openmp_threads_sleep_while_they_wait_if_others_run(others, policy, monk
     environ = {}
     threads.share_the_cpu(environ)
     assert environ.get("OMP_WAIT_POLICY") == policy
+    assert not threads.user_chose(environ)  # its own choice leaves the thread count free to follow the load
     for setting in ({"OMP_NUM_THREADS": "2"}, {"GOMP_SPINCOUNT": "0"}, {"MNIST_LIT_THREADS": "fixed"}):
         environ = dict(setting)
         threads.share_the_cpu(environ)
