@@ -140,9 +140,8 @@ def check_settings(config) -> dict:
     if not isinstance(config, dict):
         raise SchemaError("the top level", "not a mapping of settings")
     config = {key: value for key, value in config.items() if key not in DROPPED}
-    sections = {"model": check_model_settings, "data": None, "trainer": None}
     for key, value in config.items():
-        if key in sections:
+        if key in ("model", "data", "trainer"):
             if not isinstance(value, dict):
                 raise SchemaError(key, f"{shown(value)} is not a mapping of settings")
             config[key] = {name: v for name, v in value.items() if f"{key}.{name}" not in DROPPED}

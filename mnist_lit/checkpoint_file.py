@@ -111,8 +111,9 @@ def check_progress(ckpt: dict) -> None:
     takes the epoch from the loop: a loop far ahead would end a run at once, its results written as if finished.)"""
     check(ckpt.get("epoch"), int, "epoch")
     check(ckpt.get("global_step"), int, "global_step")
-    if ckpt["epoch"] < 0 or ckpt["global_step"] < 0:
-        raise SchemaError("epoch", "negative")
+    for key in ("epoch", "global_step"):
+        if ckpt[key] < 0:
+            raise SchemaError(key, f"{ckpt[key]} is negative")
     version = ckpt.get("pytorch-lightning_version", "0.0.0")
     if not isinstance(version, str) or not VERSION.fullmatch(version):
         raise SchemaError("pytorch-lightning_version", f"{shown(version)} is not a version")

@@ -46,8 +46,8 @@ def train(argv: list[str]) -> dict:
             if run_dir is not None and cli.ckpt_path:  # the processes Lightning launches (DDP) inherit it
                 os.environ[CKPT_ENV] = str(cli.ckpt_path.resolve())
             # The folders loggers from the command line will make: removed with the run folder if it fails at once.
-            logger_dirs = [Path(lg.log_dir) for lg in trainer.loggers if isinstance(lg, EpochsFromOne) and lg.log_dir]
-            new_logger_dirs = [folder for folder in logger_dirs if not folder.exists()]
+            added = [Path(lg.log_dir) for lg in trainer.loggers if isinstance(lg, EpochsFromOne) and lg.log_dir]
+            new_logger_dirs = [folder for folder in added if not folder.exists()]
             try:
                 trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
             except BaseException as err:

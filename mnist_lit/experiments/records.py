@@ -52,9 +52,9 @@ def status_of(results: dict) -> str:
     """A run's status from its results.json: ``finished``, or ``stopped early at epoch N`` (by a callback such as
     EarlyStopping; results.json and log.txt say which and why)."""
     stopped = results.get("stopped_early")
-    return (
-        f"stopped early at epoch {stopped['epoch']}" if isinstance(stopped, dict) and "epoch" in stopped else "finished"
-    )
+    if isinstance(stopped, dict) and "epoch" in stopped:
+        return f"stopped early at epoch {stopped['epoch']}"
+    return "finished"
 
 
 def text(value) -> str:

@@ -122,12 +122,8 @@ def check_key(key: str, known: set[str], option: str) -> None:
     if key in known:
         return
     close = difflib.get_close_matches(key, sorted(known), n=3)
-    hint = (
-        f"did you mean {' or '.join(close)}?"
-        if close
-        else "keys are stage, version, recipe, status and "
-        "config.yaml's dotted settings, such as model.lr or seed_everything"
-    )
+    keys = "keys are stage, version, recipe, status and config.yaml's dotted settings, such as model.lr"
+    hint = f"did you mean {' or '.join(close)}?" if close else f"{keys} or seed_everything"
     raise UserError(f"unknown key for {option}: {key}; {hint}")
 
 
