@@ -44,15 +44,7 @@ def loss_before_and_after_one_step(model, batch, precision="32-true") -> tuple[f
             return F.nll_loss(model(batch[0]), batch[1]).item()
 
     before = loss()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=1, precision=precision)
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(*batch), batch_size=len(batch[1])))
     assert trainer.global_step == 1
     return before, loss()
@@ -93,6 +85,23 @@ INITIAL = ["--epochs", "4", "--save-freq", "2", "--lr", "0.05", "--milestones", 
 
 def run(*argv) -> int:
     return main([str(a) for a in argv])
+
+
+def train_from(ckpt, data_dir, save_dir, *argv, stage: str = "full") -> int:
+    """scripts/train.py going on from ``ckpt`` (a new full stage, or with ``stage="initial"`` a resume), quietly."""
+    return run("--stage", stage, "--ckpt", ckpt, "--data-dir", data_dir, "--save-dir", save_dir, "--quiet", *argv)
+
+
+def quiet_trainer(**settings) -> pl.Trainer:
+    """A Trainer on the CPU that writes and prints nothing: no logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
 
 
 def net_weights(ckpt_path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import crafted_checkpoint, train_from
 
 from mnist_lit.checkpoint_config import TRAINER_TYPES, TRUST_FLAG, checkpoint_config
 from mnist_lit.errors import UserError
@@ -168,12 +169,10 @@ def test_yaml_tags_and_non_mappings_are_refused():
 
 
 def write_crafted(trained_ckpt: Path, folder: Path, where: tuple, value, outside: Path) -> Path:
-    ckpt = torch.load(trained_ckpt, weights_only=True)
-    ckpt["config"] = crafted_config(ckpt["config"], where, value, outside)
-    path = folder / "crafted.ckpt"
-    torch.save(ckpt, path)
-    torch.load(path, weights_only=True)  # tensors and plain strings: the safe loader takes it
-    return path
+    def edit(ckpt):
+        ckpt["config"] = crafted_config(ckpt["config"], where, value, outside)
+
+    return crafted_checkpoint(trained_ckpt, folder / "crafted.ckpt", edit)
 
 
 @pytest.mark.parametrize("case", ["callback_calling_any_function", "callbacks_as_a_yaml_string", "trainer_as_a_file"])
@@ -182,8 +181,7 @@ def test_crafted_checkpoint_is_refused_before_anything_runs(case, trained_ckpt, 
     outside, save_dir = tmp_path / "outside", tmp_path / "runs"
     ckpt = write_crafted(trained_ckpt, tmp_path, where, value, outside)
     for stage in ("full", "initial"):  # a new full stage, and a resume
-        argv = ["--stage", stage, "--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--quiet"]
-        assert main([str(a) for a in argv]) == 2
+        assert train_from(ckpt, shared_data_dir, save_dir, stage=stage) == 2
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and key in err and TRUST_FLAG in err
         assert "Trainer object" not in out + err  # builtins.print was never called with the trainer
@@ -194,21 +192,7 @@ def test_trusted_checkpoint_runs_its_settings(trained_ckpt, shared_data_dir, tmp
     """The flag is the user's word for a checkpoint they know: then its config is used as stored."""
     where, value, _ = REFUSED["callback_calling_any_function"]
     ckpt = write_crafted(trained_ckpt, tmp_path, where, value, tmp_path / "outside")
-    argv = [
-        "--stage",
-        "full",
-        "--ckpt",
-        ckpt,
-        "--data-dir",
-        shared_data_dir,
-        "--save-dir",
-        tmp_path / "runs",
-        "--epochs",
-        "4",
-        "--quiet",
-        TRUST_FLAG,
-    ]
-    assert main([str(a) for a in argv]) == 0
+    assert train_from(ckpt, shared_data_dir, tmp_path / "runs", "--epochs", 4, TRUST_FLAG) == 0
     assert "Trainer object" in capsys.readouterr().out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ROOT, crafted_checkpoint, run
+from helpers import ROOT, crafted_checkpoint, train_from
 
 from mnist_lit import evaluate, export, predict
 from mnist_lit.checkpoint_file import load_checkpoint
@@ -81,7 +81,7 @@ def crafted(trained_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 
 SCRIPTS = {  # each script's command line with a checkpoint, a data folder and an output folder
-    "train": lambda ckpt, data, out: run("--stage", "full", "--ckpt", ckpt, "--data-dir", data, "--save-dir", out),
+    "train": lambda ckpt, data, out: train_from(ckpt, data, out),
     "evaluate": lambda ckpt, data, out: evaluate.main(["--ckpt", ckpt, "--data-dir", data, "--out", out]),
     "predict": lambda ckpt, data, out: predict.main(["--ckpt", ckpt, "--out", f"{out}/p.csv", out]),
     "export": lambda ckpt, data, out: export.main(["--ckpt", ckpt, "--format", "onnx", "--out", f"{out}/m"]),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import crafted_checkpoint, run
+from helpers import crafted_checkpoint, run, train_from
 
 from mnist_lit.checkpoint_io import RunCheckpointIO, own_file
 
@@ -122,22 +122,7 @@ def test_paths_in_a_checkpoints_callback_state_delete_nothing_and_reach_no_serve
         "url": f"{url}/last.ckpt",
     }
     ckpt = crafted_checkpoint(trained_ckpt, tmp_path / "crafted.ckpt", point_paths_at(victims, own_dir))
-    argv = [
-        "--stage",
-        stage,
-        "--ckpt",
-        ckpt,
-        "--data-dir",
-        shared_data_dir,
-        "--save-dir",
-        save_dir,
-        "--epochs",
-        5,
-        "--save-freq",
-        1,
-        "--quiet",
-    ]
-    assert run(*argv) == 0
+    assert train_from(ckpt, shared_data_dir, save_dir, "--epochs", 5, "--save-freq", 1, stage=stage) == 0
     assert (victim_folder / "results.json").read_text() == "a result"
     assert (tmp_path / "victim_file").read_text() == "another"
     assert requests == []
@@ -166,35 +151,17 @@ def test_a_new_stage_starts_with_fresh_stopping_state(stopping_run, shared_data_
     used_up = stopping_state(lambda s: s.update(patience=0, wait_count=5, best_score=torch.tensor(0.0)))
     ckpt = crafted_checkpoint(stopping_run, tmp_path / "x.ckpt", used_up)
     save_dir = tmp_path / "runs"
-    assert (
-        run(
-            "--stage",
-            "full",
-            "--ckpt",
-            ckpt,
-            "--data-dir",
-            shared_data_dir,
-            "--save-dir",
-            save_dir,
-            "--full_epochs",
-            3,
-            "--quiet",
-        )
-        == 0
-    )
+    assert train_from(ckpt, shared_data_dir, save_dir, "--full_epochs", 3) == 0
     assert torch.load(save_dir / "full" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
 
 
-@pytest.mark.parametrize(
-    "edit_state",
-    [lambda s: s.update(patience=0), lambda s: s.update(wait_count=99), lambda s: s.update(best_score="x")],
-)
+@pytest.mark.parametrize("field,value", [("patience", 0), ("wait_count", 99), ("best_score", "x")])
 def test_a_resume_refuses_stopping_state_its_settings_do_not_allow(
-    edit_state, stopping_run, shared_data_dir, tmp_path, capsys
+    field, value, stopping_run, shared_data_dir, tmp_path, capsys
 ):
-    ckpt = crafted_checkpoint(stopping_run, tmp_path / "x.ckpt", stopping_state(edit_state))
+    ckpt = crafted_checkpoint(stopping_run, tmp_path / "x.ckpt", stopping_state(lambda s: s.update({field: value})))
     save_dir = tmp_path / "runs"
-    assert run("--ckpt", ckpt, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 5, "--quiet") == 2
+    assert train_from(ckpt, shared_data_dir, save_dir, "--epochs", 5, stage="initial") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "its state of" in err
     assert not list(save_dir.rglob("*"))  # its run folder, and the stage folder, removed again
@@ -202,10 +169,7 @@ def test_a_resume_refuses_stopping_state_its_settings_do_not_allow(
 
 def test_a_resume_with_its_own_stopping_state_goes_on(stopping_run, shared_data_dir, tmp_path):
     save_dir = tmp_path / "runs"
-    assert (
-        run("--ckpt", stopping_run, "--data-dir", shared_data_dir, "--save-dir", save_dir, "--epochs", 4, "--quiet")
-        == 0
-    )
+    assert train_from(stopping_run, shared_data_dir, save_dir, "--epochs", 4, stage="initial") == 0
 
 
 @pytest.mark.parametrize("field,value", [("best_model_path", 12345), ("best_model_score", "abc"), ("monitor", 3)])
@@ -216,21 +180,6 @@ def test_checkpoint_state_of_the_wrong_type_is_one_line(field, value, trained_ck
                 state[field] = value
 
     ckpt = crafted_checkpoint(trained_ckpt, tmp_path / "x.ckpt", edit)
-    assert (
-        run(
-            "--stage",
-            "full",
-            "--ckpt",
-            ckpt,
-            "--data-dir",
-            shared_data_dir,
-            "--save-dir",
-            tmp_path / "runs",
-            "--epochs",
-            4,
-            "--quiet",
-        )
-        == 2
-    )
+    assert train_from(ckpt, shared_data_dir, tmp_path / "runs", "--epochs", 4) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and field in err and not list((tmp_path / "runs").rglob("*"))

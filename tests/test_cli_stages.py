@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
 from helpers import (
@@ -19,6 +18,7 @@ from helpers import (
     event_scalar_tags,
     hparams_in_events,
     net_weights,
+    quiet_trainer,
     resolved_config,
     run,
     same_tensors,
@@ -99,7 +99,7 @@ def test_full_stage_continues_from_the_initial_checkpoint(initial_run, capsys):
     assert scalars["acc/test"][max(scalars["acc/test"])] == pytest.approx(results["acc"])
     # Lightning's own test loop (trainer.test, as a user would call it) on the final checkpoint: the same figure.
     final = MNISTLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    tester = quiet_trainer()
     tester.test(final, datamodule=MNISTDataModule(str(data_dir), stage="full"), verbose=False)
     assert float(tester.callback_metrics["test/acc"]) == pytest.approx(results["acc"])
     assert int(tester.callback_metrics["test/count"]) == 120

@@ -4,10 +4,9 @@ import inspect
 from unittest.mock import patch
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import digits, loss_before_and_after_one_step, previous_version_checkpoint
+from helpers import digits, loss_before_and_after_one_step, previous_version_checkpoint, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lit.data import pixel_stats
@@ -130,7 +129,7 @@ def test_trainer_predict_gives_what_forward_gives():
     torch.manual_seed(0)
     images, labels = digits(70, seed=4)
     model = MNISTLitModule(net="slim")  # BatchNorm: eval mode matters, and trainer.predict sets it
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     for dataset in (TensorDataset(images), TensorDataset(images, labels)):  # images, or (images, labels) pairs
         predicted = torch.cat(trainer.predict(model, dataloaders=DataLoader(dataset, batch_size=32)))
         with torch.no_grad():
@@ -162,7 +161,7 @@ def test_label_smoothing_and_augmentation_are_for_training_only_evaluation_repor
     plain, smoothed = F.nll_loss(log_probs, labels).item(), nll_loss(log_probs, labels, 0.3).item()
     assert abs(plain - smoothed) > 0.01  # the two differ here, so the check below can tell them apart
     loader = DataLoader(TensorDataset(images, labels), batch_size=20)  # a partial last batch too
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     for split in ("val", "test"):
         model.hparams.eval_split = split  # the per-epoch evaluation: val (initial stage) or test (full stage)
         trainer.validate(model, dataloaders=loader, verbose=False)
@@ -190,14 +189,7 @@ def test_augmentation_draws_anew_at_every_training_step(monkeypatch):
 
     monkeypatch.setattr(mnist_lit.module, "random_affine", recording_affine)
     images, labels = batch(96, seed=1)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(MNISTLitModule(net="linear", augment=True), DataLoader(TensorDataset(images, labels), batch_size=32))
     assert len(draws) == 2 * 3 and len({draw.numpy().tobytes() for draw in draws}) == len(draws)
 
