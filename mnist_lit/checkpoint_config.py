@@ -24,11 +24,9 @@ from mnist_lit.idx import DATASETS
 from mnist_lit.module import MNISTLitModule
 from mnist_lit.net import NETS, net_option_types
 from mnist_lit.runs import PATH_KEYS
-from mnist_lit.schema import Matching, SchemaError, check, check_mapping, shown, signature_types
+from mnist_lit.schema import Matching, SchemaError, check, check_mapping, plain_yaml, shown, signature_types
 
 TRUST_FLAG = "--trust-checkpoint-config"
-MAX_BYTES = 64 * 1024  # a stored config is ~2 KB
-MAX_DEPTH = 8  # levels of nesting: a stored config goes 6 deep (trainer.callbacks[0].init_args.duration)
 
 # Set by the command line, never by a checkpoint: where a run reads and writes, and what it logs to.
 DROPPED = {*PATH_KEYS, "trainer.logger"}
@@ -157,35 +155,18 @@ def check_settings(config) -> dict:
     return config
 
 
-def read_plain_yaml(text, source) -> object:
-    """YAML as plain data, its work bounded: refused if over MAX_BYTES, nested deeper than MAX_DEPTH, or with
-    anchors and aliases (a few aliases can stand for billions of copies)."""
-
-    def refuse(why: str):
-        raise UserError(f"{source}: its stored settings are refused: {why}")
-
-    if not isinstance(text, str):
-        refuse("not a YAML text")
-    if len(text) > MAX_BYTES:
-        refuse(f"{len(text)} characters, more than the {MAX_BYTES} a config takes")
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                refuse("it uses YAML anchors or aliases, which a stored config never does")
-            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
-            if depth > MAX_DEPTH:
-                refuse(f"nested deeper than {MAX_DEPTH} levels")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        refuse(f"not plain YAML ({' '.join(str(err).split())[:120]})")
-
-
 def checkpoint_config(text, source) -> str:
     """The settings stored in a checkpoint, checked and without paths, as YAML to parse; UserError naming the
     first key that is not one of this project's settings of its type."""
     try:
-        config = check_settings(read_plain_yaml(text, source))
+        config = plain_yaml(text)
+    except SchemaError as err:
+        raise UserError(f"{source}: its stored settings are refused: {err.problem}") from None
+    except yaml.YAMLError as err:
+        why = " ".join(str(err).split())[:120]
+        raise UserError(f"{source}: its stored settings are refused: not YAML ({why})") from None
+    try:
+        config = check_settings(config)
     except SchemaError as err:
         raise UserError(
             f"{source}: its stored settings are refused at {err.key}: {err.problem}; a checkpoint's settings are "

@@ -12,7 +12,11 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 
+import yaml
+
 MAX_STRING = 1000  # characters: no setting of this project is longer
+MAX_YAML_BYTES = 64 * 1024  # a run's config (config.yaml, or the one in a checkpoint) is ~2-3 KB
+MAX_YAML_DEPTH = 8  # levels of nesting: a run's config goes 6 deep (trainer.callbacks[0].init_args.duration)
 
 
 class SchemaError(ValueError):
@@ -31,6 +35,27 @@ class Matching(str):
     @classmethod
     def of(cls, regex: str, what: str) -> type:
         return type(what, (cls,), {"pattern": re.compile(regex)})
+
+
+def plain_yaml(text: str) -> object:
+    """YAML as plain data, its work bounded: SchemaError if over MAX_YAML_BYTES, nested deeper than MAX_YAML_DEPTH,
+    or with anchors and aliases (a few aliases can stand for billions of copies); yaml.YAMLError if not YAML."""
+
+    def refuse(why: str):
+        raise SchemaError("the file", why)
+
+    if not isinstance(text, str):
+        refuse("not a YAML text")
+    if len(text) > MAX_YAML_BYTES:
+        refuse(f"{len(text)} characters, more than the {MAX_YAML_BYTES} a run's config takes")
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            refuse("it uses YAML anchors or aliases, which a run's config never does")
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_YAML_DEPTH:
+            refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+    return yaml.safe_load(text)
 
 
 def shown(value) -> str:

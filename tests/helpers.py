@@ -15,6 +15,17 @@ from mnist_lit.train import main
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(9)
+)
+OVERSIZED_YAML = {  # configs no run writes, each refused before it is parsed into data
+    "alias_bomb": ALIAS_BOMB,  # under 2 KB; 9^10 strings once expanded
+    "huge_string": "recipe: " + "x" * 20_000_000,
+    "deep_nesting": "seed_everything: 0\nmodel: " + "[" * 200 + "]" * 200,
+}
+
 
 def idx_bytes(array: torch.Tensor) -> bytes:
     """The IDX encoding of a uint8 tensor: magic 0x0800 + ndim, big-endian dimensions, then the bytes."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import crafted_checkpoint, train_from
+from helpers import OVERSIZED_YAML, crafted_checkpoint, train_from
 
 from mnist_lit.checkpoint_config import TRAINER_TYPES, TRUST_FLAG, checkpoint_config
 from mnist_lit.errors import UserError
@@ -142,23 +142,11 @@ def test_no_trainer_flag_takes_a_free_string():
             assert not accepts(hint, value), f"trainer.{flag} takes {value!r}"
 
 
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
-    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
-    for i in range(9)
-)
-OVERSIZED = {
-    "alias_bomb": BOMB,  # under 2 KB; 9^10 strings once expanded
-    "huge_string": "recipe: " + "x" * 20_000_000,
-    "deep_nesting": "seed_everything: 0\nmodel: " + "[" * 200 + "]" * 200,
-}
-
-
-@pytest.mark.parametrize("case", OVERSIZED)
+@pytest.mark.parametrize("case", OVERSIZED_YAML)
 def test_a_config_out_of_proportion_is_refused_at_once(case):
     start = time.perf_counter()
     with pytest.raises(UserError, match="its stored settings are refused"):
-        checkpoint_config(OVERSIZED[case], "x.ckpt")
+        checkpoint_config(OVERSIZED_YAML[case], "x.ckpt")
     assert time.perf_counter() - start < 1.0  # bounded work, not a timing benchmark: the bomb took minutes
 
 

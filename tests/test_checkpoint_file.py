@@ -17,6 +17,7 @@ from helpers import ROOT, crafted_checkpoint, train_from
 from mnist_lit import evaluate, export, predict
 from mnist_lit.checkpoint_file import load_checkpoint
 from mnist_lit.errors import UserError
+from mnist_lit.experiments.records import CONFIG_KEYS
 
 
 def wide(ckpt: dict, width: int) -> None:
@@ -155,7 +156,7 @@ def test_a_resuming_sweep_reads_checkpoints_the_same_way(trained_ckpt, tmp_path)
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 10}}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**dict.fromkeys(CONFIG_KEYS), "trainer": {"max_epochs": 10}}))
     crafted_checkpoint(trained_ckpt, run_dir / "checkpoints" / "last.ckpt", REFUSED["epoch_as_a_string"][0])
     with pytest.raises(UserError, match="epoch"):
         resumable(run_dir)

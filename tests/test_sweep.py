@@ -12,8 +12,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
+from helpers import ALIAS_BOMB
 
+from mnist_lit.errors import UserError
 from mnist_lit.experiments import sweep
+from mnist_lit.experiments.records import CONFIG_KEYS
 
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE.parent / "scripts" / "sweep.py"
@@ -140,3 +144,20 @@ def test_a_sweep_whose_database_is_lost_or_new_does_not_train_finished_points_ag
 def test_seeds_are_listed_and_ranges_include_both_ends():
     for text, seeds in (("3", [3]), ("0-2", [0, 1, 2]), ("0-2,5,7-8", [0, 1, 2, 5, 7, 8]), ("4-4", [4])):
         assert sweep.parse_seeds(text) == seeds, text
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (ALIAS_BOMB, "it uses YAML anchors or aliases"),
+        (yaml.safe_dump({**dict.fromkeys(CONFIG_KEYS), "trainer": {"max_epochs": "10"}}), "no whole number"),
+        ("- a list", "not a YAML mapping"),
+    ],
+)
+def test_a_run_whose_config_yaml_cannot_be_read_is_not_resumed_blindly(tmp_path, text, why):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not read")
+    (run_dir / "config.yaml").write_text(text)
+    with pytest.raises(UserError, match=f"{why}.*cannot tell whether it can go on"):
+        sweep.resumable(run_dir)

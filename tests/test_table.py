@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import OVERSIZED_YAML
 
 from mnist_lit.experiments import records, table
 from mnist_lit.train import main as train
@@ -147,6 +148,14 @@ def test_broken_folders_are_rows_not_crashes(tmp_path, capsys, settings, result,
     assert [run.status for run in records.read_runs(tmp_path)] == [status, "finished"]
     code, out, _ = run_main(capsys, tmp_path, "--group-by", "recipe")
     assert code == 0 and "seed" in out
+
+
+@pytest.mark.parametrize("case", OVERSIZED_YAML)
+def test_a_config_yaml_out_of_proportion_is_a_broken_row_unparsed(tmp_path, monkeypatch, case):
+    make_run(tmp_path, "initial", 0, OVERSIZED_YAML[case], results("initial", 0.9, 1))
+    monkeypatch.setattr(yaml, "safe_load", lambda text: pytest.fail("parsed into data: the alias bomb never ends"))
+    [run] = records.read_runs(tmp_path)
+    assert run.status.startswith("broken: config.yaml is refused: ") and run.settings == {}
 
 
 def test_rows_show_only_the_settings_that_differ(save_dir):

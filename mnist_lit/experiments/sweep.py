@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from mnist_lit.errors import ArgumentParser, UserError, exit_code
 from mnist_lit.experiments.launch import (
     HEARTBEAT_S,
@@ -36,7 +34,7 @@ from mnist_lit.experiments.launch import (
     study_name,
     study_storage,
 )
-from mnist_lit.experiments.records import record_run
+from mnist_lit.experiments.records import read_config, record_run
 from mnist_lit.experiments.table import report
 from mnist_lit.runs import run_dirs
 
@@ -99,7 +97,12 @@ def resumable(run: Path) -> Path | None:
         return None
     from mnist_lit.checkpoint_file import load_checkpoint  # torch: only when there is something to resume
 
-    epochs = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"]
+    config, problem = read_config(run)
+    trainer = config.get("trainer") if config else None
+    epochs = trainer.get("max_epochs") if isinstance(trainer, dict) else None
+    if type(epochs) is not int:
+        why = problem or "config.yaml has no whole number at trainer.max_epochs"
+        raise UserError(f"{run}: {why}; cannot tell whether it can go on (move the folder away to start anew)")
     return ckpt if load_checkpoint(ckpt)["epoch"] + 1 < epochs else None
 
 
