@@ -59,7 +59,7 @@ def conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0, pool: bool = F
 
 class SlimNet(nn.Module):
     """A slimmer CNN with BatchNorm for the ``fast`` recipe (18k parameters, ~1.1M multiply-adds per image,
-    half of LeNet's): Conv(1,16,5)-BN-ReLU-MaxPool2 -> Conv(16,32,5)-BN-ReLU-MaxPool2 -> Linear(512,10)."""
+    half of LeNet's): Conv(1,16,5)-BN-MaxPool2-ReLU -> Conv(16,32,5)-BN-MaxPool2-ReLU -> Linear(512,10)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
