@@ -40,24 +40,11 @@ def add_run_options(parser: ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"{path}: no such file")
         return ["--config", str(Path(path).resolve())]
 
-    parser.add_argument(
-        "--recipe",
-        dest="base",
-        action="append",
-        type=recipe,
-        default=[],
-        metavar="NAME",
-        help="the runs' recipe (configs/NAME.yaml)",
-    )
-    parser.add_argument(
-        "--config",
-        dest="base",
-        action="append",
-        type=config,
-        default=[],
-        metavar="FILE",
-        help="a config file for every run (repeatable, with --recipe in the order given)",
-    )
+    for flag, to_args, metavar, text in (
+        ("--recipe", recipe, "NAME", "the runs' recipe (configs/NAME.yaml)"),
+        ("--config", config, "FILE", "a config file for every run (repeatable, with --recipe in the order given)"),
+    ):  # both append to one list, base, in the order given on the command line
+        parser.add_argument(flag, dest="base", action="append", type=to_args, default=[], metavar=metavar, help=text)
     parser.add_argument("--save-dir", required=True, help="all runs go to SAVE_DIR/initial (and full)/version_N")
     parser.add_argument("--data-dir", help="the runs' --data-dir")
     parser.add_argument("--epochs", type=int, help="each run's --epochs")
