@@ -1,7 +1,6 @@
 """A checkpoint's stored settings are data: read through the schema of this project's settings, never by a
 config parser; nothing they name runs, their paths never direct a run, their size bounds the work."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -143,11 +142,10 @@ def test_no_trainer_flag_takes_a_free_string():
 
 
 @pytest.mark.parametrize("case", OVERSIZED_YAML)
-def test_a_config_out_of_proportion_is_refused_at_once(case):
-    start = time.perf_counter()
+def test_a_config_out_of_proportion_is_refused_before_it_is_parsed(monkeypatch, case):
+    monkeypatch.setattr(yaml, "safe_load", lambda text: pytest.fail("parsed into data: the alias bomb never ends"))
     with pytest.raises(UserError, match="its stored settings are refused"):
         checkpoint_config(OVERSIZED_YAML[case], "x.ckpt")
-    assert time.perf_counter() - start < 1.0  # bounded work, not a timing benchmark: the bomb took minutes
 
 
 def test_yaml_tags_and_non_mappings_are_refused():
