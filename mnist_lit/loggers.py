@@ -109,6 +109,11 @@ class TensorBoard(TensorBoardLogger):
             writer.add_summary(end, step)
 
 
+def delegated(name: str) -> property:
+    """A read-only property that answers with the wrapped logger's own (``self.logger.<name>``)."""
+    return property(lambda self: getattr(self.logger, name))
+
+
 class EpochsFromOne(Logger):
     """A logger added from the command line (``--trainer.logger+=CSVLogger``), its ``epoch`` values counted from 1
     like the run's log lines and checkpoint names (Lightning hands every logger its 0-based epoch counter)."""
@@ -122,25 +127,12 @@ class EpochsFromOne(Logger):
             raise AttributeError(name)
         return getattr(self.logger, name)
 
-    @property
-    def name(self):
-        return self.logger.name
-
-    @property
-    def version(self):
-        return self.logger.version
-
-    @property
-    def save_dir(self):
-        return self.logger.save_dir
-
-    @property
-    def log_dir(self):
-        return self.logger.log_dir
-
-    @property
-    def root_dir(self):
-        return self.logger.root_dir
+    # Logger declares these on the class (name and version abstract), so __getattr__ never sees them.
+    name = delegated("name")
+    version = delegated("version")
+    save_dir = delegated("save_dir")
+    log_dir = delegated("log_dir")
+    root_dir = delegated("root_dir")
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         self.logger.log_hyperparams(params, *args, **kwargs)
